@@ -1,0 +1,55 @@
+# Two commands for a newcomer (see README.md):
+#   make serve   install everything, build the demo models if the repository is empty, serve them
+#   make test    install everything, lint, type-check, and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+REPOSITORY ?= demo-models
+PORT ?= 8001
+METRICS_PORT ?= 8002
+HOST ?= 127.0.0.1
+
+.PHONY: install system-deps serve demo test lint bench protos clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned to the release these machines carry on disk; elsewhere pip downloads it.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[server,train,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian packages the tests drive for real (Prometheus, container tooling).
+system-deps:
+	bash .ci/system-deps
+
+demo: install
+	@if [ -z "$$(ls -A $(REPOSITORY) 2>/dev/null)" ]; then \
+		$(BIN)/visionrpc train demo --repository $(REPOSITORY); fi
+
+serve: demo
+	$(BIN)/visionrpc serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy -p visionrpc
+	$(BIN)/mypy tests bench
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
+
+test: install system-deps lint
+	$(BIN)/pytest -q -ra
+
+bench: install
+	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/train_bench.py
+
+protos: install
+	$(BIN)/python protos/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,246 @@
+"""Image decoding and resizing: the one path from a file to a model's input.
+
+The server and the training module's validation path both call ``load_image`` and
+``prepare``, so a served prediction equals the validation prediction for the same
+file. Nothing here knows about gRPC; bad input raises ``InvalidInput``.
+
+Coordinates are continuous pixels: pixel ``i`` covers ``[i, i + 1)``. Every prepared
+view returns a ``Geometry`` that maps points in the model's input back to the
+original image (after EXIF orientation), a flip and a zoom crop included.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import InvalidInput
+from .model_config import InputSpec
+
+# Corner anchors of the zoom views: where the smaller box sits inside the base box.
+_ZOOM_ANCHORS = {
+    "center": (0.5, 0.5),
+    "tl": (0.0, 0.0),
+    "tr": (1.0, 0.0),
+    "bl": (0.0, 1.0),
+    "br": (1.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Inputs beyond these are refused before they are decoded in full."""
+
+    max_bytes: int = 32 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class View:
+    """A deterministic test-time view: an optional zoom crop, then an optional flip."""
+
+    name: str = "identity"
+    flip: bool = False
+    zoom: float = 1.0
+    anchor: tuple[float, float] = (0.5, 0.5)
+
+
+IDENTITY = View()
+
+
+def parse_view(name: str, *, zoom: float) -> View:
+    """``identity``, ``flip``, ``zoom_<center|tl|tr|bl|br>``, or ``flip+zoom_<...>``."""
+    flip = False
+    zoom_factor = 1.0
+    anchor = (0.5, 0.5)
+    for part in name.split("+"):
+        if part == "identity":
+            continue
+        if part == "flip" and not flip:
+            flip = True
+        elif part.startswith("zoom_") and part[5:] in _ZOOM_ANCHORS and zoom_factor == 1.0:
+            zoom_factor = zoom
+            anchor = _ZOOM_ANCHORS[part[5:]]
+        else:
+            raise ValueError(
+                f"unknown view {name!r}: use identity, flip, "
+                f"zoom_<{'|'.join(_ZOOM_ANCHORS)}> or flip+zoom_<...>"
+            )
+    return View(name=name, flip=flip, zoom=zoom_factor, anchor=anchor)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Maps model-input pixels to original-image pixels: ``orig = offset + scale * x``."""
+
+    original_width: int
+    original_height: int
+    scale_x: float
+    offset_x: float
+    scale_y: float
+    offset_y: float
+    input_width: int
+    input_height: int
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        return self.offset_x + self.scale_x * x, self.offset_y + self.scale_y * y
+
+    def normalized_to_original(self, u: float, v: float) -> tuple[float, float]:
+        """From the model's [-1, 1] coordinates (as fastai's TensorPoint) to original pixels."""
+        x = (u + 1.0) / 2.0 * self.input_width
+        y = (v + 1.0) / 2.0 * self.input_height
+        return self.to_original(x, y)
+
+    def original_to_normalized(self, x: float, y: float) -> tuple[float, float]:
+        x_in = (x - self.offset_x) / self.scale_x
+        y_in = (y - self.offset_y) / self.scale_y
+        return x_in / self.input_width * 2.0 - 1.0, y_in / self.input_height * 2.0 - 1.0
+
+
+def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Decode an encoded image to RGB with its EXIF orientation applied."""
+    if not data:
+        raise InvalidInput("the image is empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidInput(f"the image is {len(data)} bytes, over the limit of {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            _check_pixels(opened.width, opened.height, limits)
+            opened.load()  # forces a full decode: truncated files fail here
+            image = ImageOps.exif_transpose(opened)
+    except InvalidInput:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidInput(f"the image is too large: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"not a decodable image: {exc}") from exc
+    return to_rgb(image)
+
+
+def image_from_pixels(
+    pixels: bytes, height: int, width: int, channels: int, limits: ImageLimits = ImageLimits()
+) -> Image.Image:
+    """Wrap raw uint8 HWC pixels (1, 3 or 4 channels) as an RGB image."""
+    if channels not in (1, 3, 4):
+        raise InvalidInput(f"raw images need 1, 3 or 4 channels, not {channels}")
+    if height < 1 or width < 1:
+        raise InvalidInput(f"raw image size {width}x{height} is empty")
+    _check_pixels(width, height, limits)
+    expected = height * width * channels
+    if len(pixels) != expected:
+        raise InvalidInput(
+            f"raw image of {width}x{height}x{channels} needs {expected} bytes, got {len(pixels)}"
+        )
+    array = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        return Image.fromarray(array[:, :, 0], mode="L").convert("RGB")
+    return to_rgb(Image.fromarray(array, mode="RGBA" if channels == 4 else "RGB"))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greys: convert('L') would clip at 255 instead of scaling.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        grey = np.clip(np.rint(array * (255.0 / peak)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "F":
+        grey = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def prepare(
+    image: Image.Image, spec: InputSpec, view: View = IDENTITY
+) -> tuple[np.ndarray, Geometry]:
+    """Resize (and crop, pad, zoom, flip) an RGB image to the model's input.
+
+    Returns a C-contiguous uint8 HWC array and the geometry of this view.
+    """
+    source, pad_x, pad_y = _padded(image, spec) if spec.resize_method == "pad" else (image, 0, 0)
+    left, top, box_w, box_h = _base_box(source.width, source.height, spec)
+    if view.zoom != 1.0:
+        zoomed_w, zoomed_h = box_w / view.zoom, box_h / view.zoom
+        left += (box_w - zoomed_w) * view.anchor[0]
+        top += (box_h - zoomed_h) * view.anchor[1]
+        box_w, box_h = zoomed_w, zoomed_h
+    resized = source.resize(
+        (spec.width, spec.height),
+        resample=Image.Resampling.BILINEAR,
+        box=(left, top, left + box_w, top + box_h),
+    )
+    array = np.asarray(resized, dtype=np.uint8)
+    scale_x, scale_y = box_w / spec.width, box_h / spec.height
+    offset_x, offset_y = left - pad_x, top - pad_y
+    if view.flip:
+        array = array[:, ::-1]
+        # x_in of the flipped input is width - x of the unflipped one.
+        offset_x += scale_x * spec.width
+        scale_x = -scale_x
+    geometry = Geometry(
+        original_width=image.width,
+        original_height=image.height,
+        scale_x=scale_x,
+        offset_x=offset_x,
+        scale_y=scale_y,
+        offset_y=offset_y,
+        input_width=spec.width,
+        input_height=spec.height,
+    )
+    return np.ascontiguousarray(array), geometry
+
+
+def prepare_views(
+    image: Image.Image, spec: InputSpec, views: Sequence[View]
+) -> list[tuple[np.ndarray, Geometry]]:
+    return [prepare(image, spec, view) for view in views]
+
+
+def _check_pixels(width: int, height: int, limits: ImageLimits) -> None:
+    if width * height > limits.max_pixels:
+        raise InvalidInput(
+            f"the image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {limits.max_pixels}"
+        )
+
+
+def _base_box(width: int, height: int, spec: InputSpec) -> tuple[float, float, float, float]:
+    """The box of the source that fills the model's input before any zoom."""
+    if spec.resize_method != "crop":
+        return 0.0, 0.0, float(width), float(height)
+    target_aspect = spec.width / spec.height
+    if width / height > target_aspect:
+        box_w, box_h = height * target_aspect, float(height)
+    else:
+        box_w, box_h = float(width), width / target_aspect
+    return (width - box_w) / 2.0, (height - box_h) / 2.0, box_w, box_h
+
+
+def _padded(image: Image.Image, spec: InputSpec) -> tuple[Image.Image, int, int]:
+    """Letterbox with black to the input's aspect ratio, at the original's resolution."""
+    target_aspect = spec.width / spec.height
+    if image.width / image.height > target_aspect:
+        canvas_w, canvas_h = image.width, round(image.width / target_aspect)
+    else:
+        canvas_w, canvas_h = round(image.height * target_aspect), image.height
+    pad_x, pad_y = (canvas_w - image.width) // 2, (canvas_h - image.height) // 2
+    if (canvas_w, canvas_h) == image.size:
+        return image, 0, 0
+    canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
+    canvas.paste(image, (pad_x, pad_y))
+    return canvas, pad_x, pad_y

@@ -1,0 +1,1 @@
+"""Offline training: datasets in their native layouts to ONNX models in a repository."""
