@@ -1,0 +1,134 @@
+"""Log formats: JSON lines with the request fields, readable text, and a set-up that can be
+called twice."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from visionrpc.server.logging_setup import (
+    ACCESS_LOGGER,
+    JsonFormatter,
+    TextFormatter,
+    configure_logging,
+    request_log,
+)
+
+
+@pytest.fixture
+def access_log() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger(f"{ACCESS_LOGGER}.test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    yield logger, stream, handler
+    logger.removeHandler(handler)
+
+
+def log_request(logger: logging.Logger) -> None:
+    request_log(
+        logger,
+        model="pets",
+        version="3",
+        images=4,
+        status="OK",
+        latency_seconds=0.0123456,
+        request_id="req-17",
+    )
+
+
+def test_json_access_line_carries_every_request_field(
+    access_log: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = access_log
+    handler.setFormatter(JsonFormatter())
+    log_request(logger)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1
+    entry = json.loads(lines[0])
+    timestamp = entry.pop("timestamp")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", timestamp)
+    assert entry == {
+        "level": "INFO",
+        "logger": f"{ACCESS_LOGGER}.test",
+        "message": "request",
+        "model": "pets",
+        "version": "3",
+        "images": 4,
+        "status": "OK",
+        "latency_ms": 12.346,
+        "request_id": "req-17",
+    }
+
+
+def test_json_line_includes_the_traceback_and_odd_extras(
+    access_log: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = access_log
+    handler.setFormatter(JsonFormatter())
+    try:
+        raise ValueError("bad tensor shape")
+    except ValueError:
+        logger.exception("batch failed", extra={"model": "voc", "model_dir": Path("/models/voc")})
+    entry = json.loads(stream.getvalue())
+    assert entry["level"] == "ERROR"
+    assert entry["message"] == "batch failed"
+    assert entry["model_dir"] == "/models/voc"
+    assert "ValueError: bad tensor shape" in entry["exception"]
+
+
+def test_text_access_line_reads_as_key_value_pairs(
+    access_log: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = access_log
+    handler.setFormatter(TextFormatter())
+    log_request(logger)
+    logger.info("plain message")
+    request_line, plain_line = stream.getvalue().splitlines()
+    assert request_line.endswith(
+        f"INFO {ACCESS_LOGGER}.test: request model=pets version=3 images=4 status=OK"
+        " latency_ms=12.346 request_id=req-17"
+    )
+    assert plain_line.endswith(f"INFO {ACCESS_LOGGER}.test: plain message")
+
+
+SETUP_TWICE = """
+import logging, sys
+from visionrpc.server.logging_setup import configure_logging
+foreign = logging.StreamHandler(sys.stdout)
+logging.getLogger().addHandler(foreign)
+configure_logging("warning", "text")
+configure_logging("debug", "json")
+logging.getLogger("visionrpc.batching").debug("batch ran", extra={"size": 8})
+"""
+
+
+def test_configure_logging_twice_replaces_only_its_own_handler() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SETUP_TWICE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    stderr_lines = result.stderr.splitlines()
+    assert len(stderr_lines) == 1
+    entry = json.loads(stderr_lines[0])
+    assert (entry["level"], entry["logger"], entry["size"]) == ("DEBUG", "visionrpc.batching", 8)
+    assert result.stdout.splitlines() == ["batch ran"]
+
+
+@pytest.mark.parametrize(("level", "fmt"), [("INFO", "yaml"), ("LOUD", "json")])
+def test_configure_logging_refuses_unknown_settings(level: str, fmt: str) -> None:
+    with pytest.raises(ValueError):
+        configure_logging(level, fmt)  # type: ignore[arg-type]
