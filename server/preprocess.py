@@ -12,7 +12,6 @@ original image (after EXIF orientation), a flip and a zoom crop included.
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,11 @@ _ZOOM_ANCHORS = {
     "bl": (0.0, 1.0),
     "br": (1.0, 1.0),
 }
+
+
+# The encoded formats the API accepts ("JPEG" opens cameras' multi-picture MPO files too).
+# Naming them keeps Pillow's other decoders (EPS through Ghostscript, ...) out of reach.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
 
 @dataclass(frozen=True)
@@ -109,19 +113,21 @@ def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     if len(data) > limits.max_bytes:
         raise InvalidInput(f"the image is {len(data)} bytes, over the limit of {limits.max_bytes}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-            _check_pixels(opened.width, opened.height, limits)
-            opened.load()  # forces a full decode: truncated files fail here
-            image = ImageOps.exif_transpose(opened)
+        # No warnings.catch_warnings() around this: it swaps the process-wide filter list
+        # and is not thread-safe, and decoding runs in a thread pool. Pillow's
+        # DecompressionBombWarning may show for a huge image that _check_pixels refuses.
+        opened = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        _check_pixels(opened.width, opened.height, limits)
+        opened.load()  # forces a full decode: truncated files fail here
+        return to_rgb(ImageOps.exif_transpose(opened))
     except InvalidInput:
         raise
     except Image.DecompressionBombError as exc:
         raise InvalidInput(f"the image is too large: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:
+        # Pillow's decoders fail on hostile bytes with many exception types (struct.error,
+        # IndexError, ...): every one of them means the caller sent an undecodable file.
         raise InvalidInput(f"not a decodable image: {exc}") from exc
-    return to_rgb(image)
 
 
 def image_from_pixels(
@@ -146,7 +152,7 @@ def image_from_pixels(
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited over white."""
-    if image.mode == "RGB":
+    if image.mode == "RGB" and "transparency" not in image.info:
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greys: convert('L') would clip at 255 instead of scaling.
@@ -157,7 +163,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "F":
         grey = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
-    if (image.mode == "P" and "transparency" in image.info) or image.mode in ("PA", "LA", "La"):
+    if "transparency" in image.info or image.mode in ("PA", "LA", "La"):
+        # A tRNS chunk (palette, grey or RGB key colour) becomes real alpha first.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "RGBa"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))

@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from visionrpc.client import cli as client_cli
     from visionrpc.server import cli as server_cli
     from visionrpc.training import cli as training_cli
+    from visionrpc.training import evaluate as evaluate_cli
 
     parser = argparse.ArgumentParser(prog="visionrpc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"visionrpc {__version__}")
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_cli.register(subcommands)
     training_cli.register(subcommands)
     client_cli.register(subcommands)
+    evaluate_cli.register(subcommands)
     return parser
 
 

@@ -570,9 +570,12 @@ class TTASettings(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     VIEWS_FIELD_NUMBER: _builtins.int
     BETA_FIELD_NUMBER: _builtins.int
+    ZOOM_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     beta: _builtins.float
     """Weight of the un-augmented prediction in the blend (fastai's beta)."""
+    zoom: _builtins.float
+    """How much larger the resize is that the zoom views crop from."""
     @_builtins.property
     def views(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Declared views, identity excluded (e.g. "flip", "zoom_center", "zoom_tl")."""
@@ -583,10 +586,11 @@ class TTASettings(_message.Message):
         enabled: _builtins.bool = ...,
         views: _abc.Iterable[_builtins.str] | None = ...,
         beta: _builtins.float = ...,
+        zoom: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta", b"beta", "enabled", b"enabled", "views", b"views"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["beta", b"beta", "enabled", b"enabled", "views", b"views", "zoom", b"zoom"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -680,6 +684,7 @@ class ModelInfo(_message.Message):
     DATASET_FIELD_NUMBER: _builtins.int
     TRAINED_AT_FIELD_NUMBER: _builtins.int
     CONFIG_JSON_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     task: _builtins.str
@@ -693,6 +698,8 @@ class ModelInfo(_message.Message):
     trained_at: _builtins.str
     config_json: _builtins.str
     """The whole model config as JSON, for anything not broken out above."""
+    top_k: _builtins.int
+    """classification: how many labels a request gets when it does not say."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -726,10 +733,11 @@ class ModelInfo(_message.Message):
         dataset: _builtins.str = ...,
         trained_at: _builtins.str = ...,
         config_json: _builtins.str = ...,
+        top_k: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "input", b"input", "tta", b"tta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
