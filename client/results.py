@@ -1,0 +1,237 @@
+"""Typed, immutable results returned by the clients.
+
+Every per-image result (``Classification``, ``MultiLabel``, ``Points`` or
+``ImageError``) carries the model and version that answered, whether test-time
+augmentation was applied and with how many views, and the original image size
+(after EXIF orientation). ``to_dict()`` gives plain JSON-serialisable data with a
+``"type"`` key naming the result kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, TypeAlias
+
+
+def _plain(value: object) -> dict[str, Any]:
+    # asdict recurses into nested dataclasses and keeps tuples, which json writes as lists.
+    return dataclasses.asdict(value)  # type: ignore[call-overload, no-any-return]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LabelScore:
+    """A label with its score in [0, 1].
+
+    ``threshold`` is the threshold that was applied (multi-label results only; 0 otherwise).
+    """
+
+    label: str
+    score: float
+    threshold: float = 0.0
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.score:.3f}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Point:
+    """A named point in pixels of the original image, with the model's own [-1, 1] coordinates."""
+
+    name: str
+    x: float
+    y: float
+    x_normalized: float
+    y_normalized: float
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.x:.1f}, {self.y:.1f})"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ImageResult:
+    model: str
+    version: str
+    tta_applied: bool
+    tta_views: int
+    original_width: int
+    original_height: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable data; ``"type"`` names the result kind."""
+        return {"type": type(self).__name__, **_plain(self)}
+
+    def _provenance(self) -> str:
+        tta = f", tta x{self.tta_views}" if self.tta_applied else ""
+        return f"{self.model} v{self.version}, {self.original_width}x{self.original_height}{tta}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Classification(_ImageResult):
+    """Single-label classification: the top-k labels, best first.
+
+    ``below_min_confidence`` is true when the top-1 score is under the applied
+    ``min_confidence``: the image then shows none of the known classes, and
+    ``label`` is None.
+    """
+
+    top: tuple[LabelScore, ...]
+    below_min_confidence: bool
+    min_confidence: float
+
+    @property
+    def label(self) -> str | None:
+        """The predicted label, or None when the model is not confident enough."""
+        if self.below_min_confidence or not self.top:
+            return None
+        return self.top[0].label
+
+    @property
+    def score(self) -> float:
+        """The top-1 score (even when below ``min_confidence``)."""
+        return self.top[0].score if self.top else 0.0
+
+    def __str__(self) -> str:
+        ranked = ", ".join(str(entry) for entry in self.top)
+        if self.below_min_confidence:
+            ranked = f"none of the known classes (best: {ranked}; min {self.min_confidence:.2f})"
+        return f"{ranked} [{self._provenance()}]"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MultiLabel(_ImageResult):
+    """Multi-label classification: every label at or above its threshold, best first.
+
+    ``all_scores`` holds every label's score in vocabulary order when asked for
+    (``all_scores=True``), else it is empty.
+    """
+
+    labels: tuple[LabelScore, ...]
+    all_scores: tuple[LabelScore, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The predicted labels' names, best first."""
+        return tuple(entry.label for entry in self.labels)
+
+    def __str__(self) -> str:
+        found = ", ".join(str(entry) for entry in self.labels) or "no labels"
+        return f"{found} [{self._provenance()}]"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Points(_ImageResult):
+    """Point regression: named points in pixels of the original image."""
+
+    points: tuple[Point, ...]
+
+    def __str__(self) -> str:
+        return f"{', '.join(str(point) for point in self.points)} [{self._provenance()}]"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageError(_ImageResult):
+    """One image could not be predicted; the other images of its request were.
+
+    ``code`` is the gRPC status name (e.g. ``"INVALID_ARGUMENT"``), ``index`` the
+    image's position in the input. The size and TTA fields are 0/False.
+    """
+
+    code: str
+    message: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"error {self.code}: {self.message}"
+
+
+Prediction: TypeAlias = Classification | MultiLabel | Points | ImageError
+"""Any per-image result; narrow it with ``isinstance``."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSummary:
+    """One entry of ``models()``: a loaded model, its versions and execution provider."""
+
+    name: str
+    task: str
+    versions: tuple[str, ...]
+    provider: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable data."""
+        return _plain(self)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """Everything the server knows about one model version (``model_info()``).
+
+    ``threshold``/``class_thresholds`` are the multi-label defaults,
+    ``min_confidence`` the classification default (0 = off). ``metrics`` are the
+    validation metrics recorded at training time; ``config`` is the whole model
+    configuration as a dict.
+    """
+
+    name: str
+    version: str
+    versions: tuple[str, ...]
+    task: str
+    labels: tuple[str, ...]
+    input_height: int
+    input_width: int
+    resize_method: str
+    threshold: float
+    class_thresholds: dict[str, float]
+    min_confidence: float
+    tta_enabled: bool
+    tta_views: tuple[str, ...]
+    tta_beta: float
+    provider: str
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    instances: int
+    metrics: dict[str, float]
+    dataset: str
+    trained_at: str
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-serialisable data."""
+        return _plain(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.name} v{self.version} ({self.task}), versions: {', '.join(self.versions)}",
+            f"  input: {self.input_width}x{self.input_height} {self.resize_method}",
+            f"  labels ({len(self.labels)}): {', '.join(self.labels)}",
+            f"  provider: {self.provider}",
+            f"  tta: {'on' if self.tta_enabled else 'off'}"
+            f" ({', '.join(self.tta_views) or 'no views'}; beta {self.tta_beta:g})",
+            f"  batching: max {self.max_batch_size}, delay {self.max_queue_delay_ms:g} ms,"
+            f" queue {self.max_queue_size}, instances {self.instances}",
+        ]
+        if self.task == "multilabel":
+            lines.append(f"  threshold: {self.threshold:g}")
+            lines.extend(
+                f"    {label}: {value:g}" for label, value in sorted(self.class_thresholds.items())
+            )
+        if self.task == "classification":
+            lines.append(f"  min_confidence: {self.min_confidence:g}")
+        if self.dataset or self.trained_at:
+            lines.append(f"  trained on {self.dataset or '?'} at {self.trained_at or '?'}")
+        lines.extend(f"  {name}: {value:g}" for name, value in sorted(self.metrics.items()))
+        return "\n".join(lines)
+
+
+class HealthStatus(enum.Enum):
+    """A ``grpc.health.v1`` serving status. Truthy only when ``SERVING``."""
+
+    UNKNOWN = 0
+    SERVING = 1
+    NOT_SERVING = 2
+    SERVICE_UNKNOWN = 3
+
+    def __bool__(self) -> bool:
+        return self is HealthStatus.SERVING
