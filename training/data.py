@@ -1,0 +1,158 @@
+"""Datasets to PyTorch DataLoaders: presized training items, server-identical validation items.
+
+Training items are decoded with the server's ``load_image`` and presized on the CPU with
+its ``prepare`` (larger than the model's input, fastai's presizing); the learner moves a
+batch to the device and calls ``augment_batch``, which crops to the final size. Validation
+items take exactly the server's path, ``prepare(load_image(bytes), spec)``, so a metric
+measured here is the metric of the served model.
+
+Batches are ``(uint8 [N, H, W, 3], targets)``: int64 class indices (classification),
+float multi-hot ``[N, C]`` (multilabel), or float ``[N, K, 2]`` points normalised to the
+batch's frame (points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+from visionrpc.server.model_config import InputSpec
+from visionrpc.server.preprocess import Geometry, load_image, prepare
+
+from .datasets import Dataset, Item
+
+# Prepared items are kept in memory (num_workers=0) while the whole split fits in this budget.
+CACHE_BYTES = 512 << 20
+# fastai presizes to 460 for 224 (about 2x); 1.5x leaves room for the batch's random crops
+# and rotations at less CPU cost.
+PRESIZE_FACTOR = 1.5
+
+
+@dataclass
+class DataLoaders:
+    train: DataLoader[tuple[Tensor, Tensor]]
+    valid: DataLoader[tuple[Tensor, Tensor]]
+    task: str
+    vocab: tuple[str, ...]
+    spec: InputSpec
+    # One per valid item, in dataset order: maps predicted points back to original pixels.
+    valid_geometries: list[Geometry]
+
+
+class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
+    """Items decoded and prepared to one InputSpec, with targets in that frame."""
+
+    def __init__(
+        self, items: Sequence[Item], spec: InputSpec, task: str, classes: int, *, cache: bool
+    ) -> None:
+        self.items = list(items)
+        self.spec = spec
+        self.task = task
+        self.classes = classes
+        fits = len(self.items) * spec.height * spec.width * 3 <= CACHE_BYTES
+        self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache and fits else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
+        item = self.items[index]
+        pixels, geometry = prepare(load_image(item.path.read_bytes()), self.spec)
+        # PIL's arrays are read-only, which torch tensors cannot express.
+        example = torch.from_numpy(pixels.copy()), self.target(item, geometry)
+        if self.cache is not None:
+            self.cache[index] = example
+        return example
+
+    def target(self, item: Item, geometry: Geometry) -> Tensor:
+        if self.task == "classification":
+            return torch.tensor(item.target, dtype=torch.int64)
+        if self.task == "multilabel":
+            multi_hot = torch.zeros(self.classes, dtype=torch.float32)
+            multi_hot[list(_as_tuple(item.target))] = 1.0
+            return multi_hot
+        coords = _as_tuple(item.target)
+        points = [
+            geometry.original_to_normalized(float(coords[i]), float(coords[i + 1]))
+            for i in range(0, len(coords), 2)
+        ]
+        return torch.tensor(points, dtype=torch.float32)
+
+
+def make_loaders(
+    dataset: Dataset,
+    *,
+    size: tuple[int, int],
+    presize: tuple[int, int] | None = None,
+    bs: int = 32,
+    resize_method: str = "crop",
+    num_workers: int = 0,
+    seed: int = 42,
+    distributed: bool = False,
+) -> DataLoaders:
+    """DataLoaders for training at ``size`` (height, width) with the server's preprocessing."""
+    spec = InputSpec(size[0], size[1], resize_method)
+    if presize is None:
+        presize = (round(size[0] * PRESIZE_FACTOR), round(size[1] * PRESIZE_FACTOR))
+    classes = len(dataset.vocab)
+    # Worker processes would each fill a cache of their own: only cache in this process.
+    cache = num_workers == 0
+    train_spec = InputSpec(presize[0], presize[1], resize_method)
+    train_items = PreparedItems(dataset.train, train_spec, dataset.task, classes, cache=cache)
+    valid_items = PreparedItems(dataset.valid, spec, dataset.task, classes, cache=cache)
+    shard = distributed and dist.is_available() and dist.is_initialized()
+    train_sampler: Sampler[int]
+    if shard:
+        train_sampler = DistributedSampler(train_items, shuffle=True, seed=seed)
+        valid_sampler: Sampler[int] | None = DistributedSampler(valid_items, shuffle=False)
+    else:
+        shuffle_generator = torch.Generator().manual_seed(seed)
+        train_sampler = RandomSampler(train_items, generator=shuffle_generator)
+        valid_sampler = None
+
+    def loader(
+        items: PreparedItems, sampler: Sampler[int] | None, drop_last: bool
+    ) -> DataLoader[tuple[Tensor, Tensor]]:
+        return DataLoader(
+            items,
+            batch_size=bs,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=num_workers > 0,
+        )
+
+    return DataLoaders(
+        # A last batch of one breaks BatchNorm; a dataset smaller than a batch keeps it.
+        train=loader(train_items, train_sampler, drop_last=len(train_items) > bs),
+        valid=loader(valid_items, valid_sampler, drop_last=False),
+        task=dataset.task,
+        vocab=dataset.vocab,
+        spec=spec,
+        valid_geometries=[_geometry(item, spec) for item in dataset.valid],
+    )
+
+
+def _geometry(item: Item, spec: InputSpec) -> Geometry:
+    """The geometry ``prepare`` gives this item, from its header alone (no full decode)."""
+    with Image.open(item.path) as image:
+        width, height = image.size
+        # EXIF orientations 5..8 turn the picture a quarter: load_image swaps its sides.
+        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    # prepare's geometry depends only on the size, so a blank image of that size gives it.
+    return prepare(Image.new("L", (width, height)), spec)[1]
+
+
+def _as_tuple(target: int | tuple[int, ...] | tuple[float, ...]) -> tuple[int | float, ...]:
+    return (target,) if isinstance(target, int) else target
