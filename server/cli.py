@@ -1,10 +1,88 @@
-"""Command-line subcommands of this part (placeholder until the part lands)."""
+"""``visionrpc serve``: flags for every server setting, then the server until SIGTERM.
+
+Every setting also reads ``VISIONRPC_<NAME>`` and the ``--config`` file (YAML or
+JSON); a flag wins over the environment, which wins over the file.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .settings import ServerSettings
+
+# Flag help; the flag names are the settings' field names with dashes.
+_SETTING_HELP = {
+    "repository": "model repository folder (<model>/config.json + <model>/<version>/model.onnx)",
+    "host": "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    "port": "gRPC port (default 8001)",
+    "metrics_port": "Prometheus /metrics port, 0 = off (default 8002)",
+    "max_message_bytes": "largest gRPC message, each way (default 64 MiB)",
+    "max_batch_size": "default largest batch (default 16)",
+    "max_queue_delay_ms": "default wait for a batch to fill (default 2.0)",
+    "max_queue_size": "default queued inputs per model before RESOURCE_EXHAUSTED (default 256)",
+    "instances": "default concurrent runs per model (default 1)",
+    "intra_op_threads": "onnxruntime intra-op threads, 0 = its default",
+    "inter_op_threads": "onnxruntime inter-op threads, 0 = its default",
+    "providers": "auto (CUDA then CPU) or a comma-separated provider list",
+    "max_image_bytes": "largest encoded image (default 32 MiB)",
+    "max_image_pixels": "largest image in pixels (default 40 million)",
+    "preprocess_workers": "image decoding threads, 0 = one per CPU",
+    "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
+    "shutdown_grace_seconds": "time in-flight calls get after SIGTERM (default 10)",
+    "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
+    "log_format": "text or json (default text)",
+}
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
-    """Add this part's subcommands to the ``visionrpc`` parser."""
+    """Add ``serve`` to the ``visionrpc`` parser."""
+    parser = subcommands.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description="Serve a model repository over gRPC until SIGTERM or SIGINT.",
+        epilog="Every flag can also come from VISIONRPC_<NAME> (e.g. VISIONRPC_MAX_BATCH_SIZE) "
+        "or from the --config file (keys are the names with underscores); a flag wins over "
+        "the environment, which wins over the file.",
+    )
+    parser.add_argument("--config", type=Path, help="settings file, YAML or JSON")
+    for name, help_text in _SETTING_HELP.items():
+        # SUPPRESS keeps flags that were not given out of the namespace, so the
+        # environment and the config file can fill them.
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text
+        )
+    parser.set_defaults(handler=run_serve)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings:
+    from .settings import load_settings
+
+    given = {name: getattr(args, name) for name in _SETTING_HELP if hasattr(args, name)}
+    return load_settings(given, environ, args.config)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .app import serve
+    from .logging_setup import configure_logging
+    from .settings import SettingsError
+
+    try:
+        settings = settings_from_args(args, os.environ)
+    except SettingsError as exc:
+        print(f"visionrpc serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
+    try:
+        return asyncio.run(serve(settings))
+    except OSError as exc:  # the repository is missing, or the port is taken
+        logging.getLogger("visionrpc.server").error("cannot serve: %s", exc)
+        return 1

@@ -1,0 +1,226 @@
+"""Dynamic batching of model inputs, free of gRPC and of images.
+
+A ``Batcher`` serves one model version. Callers ``submit`` rows (one uint8 array per
+model input, e.g. one per image view) and await one future per row. A loop forms a
+batch from the oldest rows: it closes the batch when it holds ``max_batch_size`` rows,
+or ``max_queue_delay_ms`` after its first row arrived (one fixed deadline per batch),
+and only when an instance is free to run it, so the next batch keeps filling while
+the previous one runs. Up to ``instances`` batches run at once in a thread pool
+(onnxruntime releases the GIL). Rows whose caller gave up (cancelled future) or whose
+deadline passed are dropped before they cost compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DeadlineExceeded, Overloaded, Unavailable, VisionRPCError
+
+logger = logging.getLogger(__name__)
+
+# Runs the model on a stacked batch [N, ...] and returns one output row per input row.
+ModelRun = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    instances: int
+
+
+@dataclass
+class BatcherStats:
+    """Counters since start; tests read them to see that batches formed."""
+
+    runs: int = 0
+    rows_run: int = 0
+    largest_batch: int = 0
+    dropped_expired: int = 0
+    dropped_cancelled: int = 0
+
+
+@dataclass(eq=False)
+class _Item:
+    row: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    # time.monotonic() after which nobody waits for the answer; None waits forever.
+    deadline: float | None
+    enqueued_at: float
+
+
+def merge_rows(items: Sequence[_Item]) -> np.ndarray:
+    return np.stack([item.row for item in items])
+
+
+def split_outputs(outputs: np.ndarray, items: Sequence[_Item]) -> None:
+    """Hand each item its own output row; a caller that gave up meanwhile is skipped."""
+    if outputs.ndim < 1 or outputs.shape[0] != len(items):
+        raise ValueError(f"the model returned shape {outputs.shape} for {len(items)} rows")
+    for item, row in zip(items, outputs, strict=True):
+        if not item.future.done():
+            item.future.set_result(row)
+
+
+def fail_items(items: Sequence[_Item], error: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+class Batcher:
+    def __init__(self, run: ModelRun, settings: BatchSettings, *, name: str) -> None:
+        self.name = name
+        self.settings = settings
+        self.stats = BatcherStats()
+        self._run = run
+        self._delay_seconds = settings.max_queue_delay_ms / 1000.0
+        self._pending: collections.deque[_Item] = collections.deque()
+        # Set on every change the loop may wait for: a new row, a finished run, close.
+        self._wakeup = asyncio.Event()
+        self._busy_instances = 0
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.instances, thread_name_prefix=f"model-{name}"
+        )
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def submit(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[np.ndarray]]:
+        """Queue all rows of one request, or none of them; one future per row.
+
+        Raises Overloaded when they do not fit in the queue and Unavailable after close.
+        """
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        limit = self.settings.max_queue_size
+        if len(rows) > limit:
+            raise Overloaded(
+                f"model {self.name}: {len(rows)} inputs in one request, "
+                f"more than its queue holds ({limit}); send fewer images per request"
+            )
+        if len(self._pending) + len(rows) > limit:
+            # Rows whose callers gave up must not hold slots; purging costs a scan, so
+            # it happens only when the queue looks full.
+            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
+        if len(self._pending) + len(rows) > limit:
+            raise Overloaded(
+                f"model {self.name} is overloaded: {len(self._pending)} of {limit} "
+                "queue slots taken; retry later"
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures: list[asyncio.Future[np.ndarray]] = []
+        for row in rows:
+            future: asyncio.Future[np.ndarray] = loop.create_future()
+            self._pending.append(_Item(row=row, future=future, deadline=deadline, enqueued_at=now))
+            futures.append(future)
+        if self._loop_task is None:
+            self._loop_task = loop.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        self._wakeup.set()
+        return futures
+
+    async def close(self) -> None:
+        """Fail whatever still waits with Unavailable, let running batches finish, stop."""
+        self._closed = True
+        fail_items(self._pending, Unavailable(f"model {self.name} is shutting down"))
+        self._pending.clear()
+        self._wakeup.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def _batch_loop(self) -> None:
+        while (batch := await self._next_batch()) is not None:
+            self._busy_instances += 1
+            task = asyncio.create_task(self._run_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """Wait until a batch may close and an instance is free; None once closed."""
+        while True:
+            self._wakeup.clear()
+            while self._pending and not self._still_wanted(self._pending[0]):
+                self._pending.popleft()
+            if not self._pending:
+                if self._closed:
+                    return None
+                await self._wakeup.wait()
+                continue
+            # Fixed per batch: the oldest row's arrival plus the delay, never shrunk per wait.
+            close_at = self._pending[0].enqueued_at + self._delay_seconds
+            timeout: float | None = None
+            if self._busy_instances < self.settings.instances:
+                now = time.monotonic()
+                if len(self._pending) >= self.settings.max_batch_size or now >= close_at:
+                    batch = self._take_live(self.settings.max_batch_size)
+                    if batch:
+                        return batch
+                    continue
+                timeout = close_at - now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _take_live(self, count: int) -> list[_Item]:
+        """Up to ``count`` live rows from the head of the queue, dropping dead ones met."""
+        batch: list[_Item] = []
+        while self._pending and len(batch) < count:
+            item = self._pending.popleft()
+            if self._still_wanted(item):
+                batch.append(item)
+        return batch
+
+    def _still_wanted(self, item: _Item) -> bool:
+        """False for a row nobody waits for any more; an expired row's caller learns why."""
+        if item.future.done():
+            self.stats.dropped_cancelled += 1
+            return False
+        if item.deadline is not None and item.deadline <= time.monotonic():
+            self.stats.dropped_expired += 1
+            item.future.set_exception(
+                DeadlineExceeded(f"model {self.name}: the deadline passed in the queue")
+            )
+            return False
+        return True
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        """The one place a batch runs: merge, run off the loop, split."""
+        try:
+            # Callers may have given up while the batch waited for its instance.
+            live = [item for item in batch if not item.future.done()]
+            self.stats.dropped_cancelled += len(batch) - len(live)
+            if not live:
+                return
+            inputs = merge_rows(live)
+            loop = asyncio.get_running_loop()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                self.stats.runs += 1
+                self.stats.rows_run += len(live)
+                self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+                split_outputs(outputs, live)
+            except Exception as exc:
+                logger.exception("model %s: a batch of %d rows failed", self.name, len(live))
+                fail_items(live, VisionRPCError(f"model {self.name} failed: {exc}"))
+        finally:
+            self._busy_instances -= 1
+            self._wakeup.set()

@@ -1,0 +1,144 @@
+"""One prediction request, transport-free: decode, prepare, batch, postprocess.
+
+Each image is decoded and resized in a thread pool, off the event loop. Every view of
+every good image becomes one row in the model's batcher, submitted together. A bad
+image gets its own error naming its index and never fails its neighbours; problems of
+the whole request (unknown model, bad option, no images, overload, deadline) raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
+from .model_config import InputSpec
+from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
+from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
+from .repository import LoadedModel, ModelRepository
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RawImage:
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+
+
+ImageInput = EncodedImage | RawImage
+
+
+@dataclass(frozen=True)
+class PredictCall:
+    model: str
+    images: Sequence[ImageInput]
+    # None or "" is the newest loaded version.
+    version: str | None = None
+    options: PredictionOptions = field(default_factory=PredictionOptions)
+
+
+@dataclass(frozen=True)
+class PredictOutcome:
+    model: LoadedModel
+    # One per input image, in input order: its result or its own error.
+    results: list[ImageResult | VisionRPCError]
+
+
+# One image's model inputs (one row per view) and the geometry of each view.
+_PreparedImage = list[tuple[np.ndarray, Geometry]]
+
+
+class Pipeline:
+    def __init__(
+        self, repository: ModelRepository, limits: ImageLimits, decode_executor: Executor
+    ) -> None:
+        self.repository = repository
+        self._limits = limits
+        self._decode_executor = decode_executor
+
+    async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
+        """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
+        model = self.repository.get(call.model, call.version)
+        resolved = resolve_options(model.config, call.options)
+        if not call.images:
+            raise InvalidInput("the request has no images")
+        _check_deadline(deadline)
+        prepared = await asyncio.gather(
+            *(
+                self._prepare(index, image, model.config.input, resolved.views)
+                for index, image in enumerate(call.images)
+            )
+        )
+        _check_deadline(deadline)
+        good = [views for views in prepared if not isinstance(views, VisionRPCError)]
+        rows = [row for views in good for row, _ in views]
+        outputs = iter(await _run_rows(model, rows, deadline))
+        results: list[ImageResult | VisionRPCError] = []
+        for views in prepared:
+            if isinstance(views, VisionRPCError):
+                results.append(views)
+                continue
+            image_outputs = np.stack([next(outputs) for _ in views])
+            geometries = [geometry for _, geometry in views]
+            results.append(finish(model.config, resolved, image_outputs, geometries))
+        return PredictOutcome(model=model, results=results)
+
+    async def _prepare(
+        self, index: int, image: ImageInput, spec: InputSpec, views: tuple[View, ...]
+    ) -> _PreparedImage | VisionRPCError:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._decode_executor, decode_and_prepare, image, spec, views, self._limits
+            )
+        except InvalidInput as exc:
+            return InvalidInput(f"image {index}: {exc.message}")
+
+
+def decode_and_prepare(
+    image: ImageInput, spec: InputSpec, views: tuple[View, ...], limits: ImageLimits
+) -> _PreparedImage:
+    """Blocking: bytes to one model-input row per view."""
+    if isinstance(image, EncodedImage):
+        decoded = load_image(image.data, limits)
+    else:
+        decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
+    return prepare_views(decoded, spec, views)
+
+
+async def _run_rows(
+    model: LoadedModel, rows: list[np.ndarray], deadline: float | None
+) -> list[np.ndarray]:
+    """Submit the rows as one unit and await them; giving up cancels them in the queue."""
+    if not rows:
+        return []
+    futures = model.batcher.submit(rows, deadline)
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    try:
+        _, not_done = await asyncio.wait(futures, timeout=timeout)
+        if not_done:
+            raise DeadlineExceeded(f"model {model.name}: the deadline passed before an answer")
+        errors = [future.exception() for future in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [future.result() for future in futures]
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def _check_deadline(deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the deadline passed before the images were queued")

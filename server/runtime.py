@@ -1,0 +1,138 @@
+"""One onnxruntime session per model version: load, check against the config, warm up, run.
+
+The graph must take uint8 NHWC ``[batch, H, W, 3]`` (any dimension may be symbolic)
+and return float32 ``[batch, output_width]``; anything else is refused at load with
+a ``ModelLoadError`` that says what differs, so a mismatched export never serves.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .model_config import ModelConfig
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(Exception):
+    """A model file that cannot serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    # ("auto",) is CUDA then CPU among the providers this onnxruntime build has.
+    providers: tuple[str, ...] = ("auto",)
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+
+
+class _ProviderProbe:
+    """Remembers that CUDA failed once, so later sessions skip the noisy retry."""
+
+    cuda_failed = False
+
+
+def choose_providers(requested: Sequence[str]) -> list[str]:
+    available = ort.get_available_providers()
+    if tuple(requested) == ("auto",):
+        preferred = [CPU] if _ProviderProbe.cuda_failed else [CUDA, CPU]
+        return [name for name in preferred if name in available]
+    missing = [name for name in requested if name not in available]
+    if missing:
+        raise ModelLoadError(
+            f"provider(s) {', '.join(missing)} not in this onnxruntime "
+            f"(available: {', '.join(available)})"
+        )
+    return list(requested)
+
+
+class ModelRuntime:
+    """A loaded, checked and warmed-up model; ``run`` is safe from several threads."""
+
+    def __init__(self, path: Path, config: ModelConfig, options: RuntimeOptions) -> None:
+        self.path = path
+        self.config = config
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        providers = choose_providers(options.providers)
+        try:
+            self._session = ort.InferenceSession(
+                str(path), sess_options=session_options, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.provider: str = self._session.get_providers()[0]
+        if CUDA in providers and self.provider != CUDA:
+            _ProviderProbe.cuda_failed = True
+        self._input_name = self._check_input()
+        self._check_output()
+        self.warmup_seconds = 0.0
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, H, W, 3]`` in, float32 ``[N, output_width]`` out."""
+        outputs = self._session.run(None, {self._input_name: batch})
+        return np.asarray(outputs[0], dtype=np.float32)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run zero batches once per size (first runs allocate and pick kernels)."""
+        started = time.perf_counter()
+        spec = self.config.input
+        for size in sorted(set(batch_sizes)):
+            outputs = self.run(np.zeros((size, spec.height, spec.width, 3), dtype=np.uint8))
+            expected = (size, self.config.output_width)
+            if outputs.shape != expected:
+                raise ModelLoadError(
+                    f"{self.path}: returned shape {outputs.shape} for a batch of {size}, "
+                    f"expected {expected} ({self.config.task} with {len(self.config.labels)} "
+                    "labels)"
+                )
+        self.warmup_seconds = time.perf_counter() - started
+
+    def _check_input(self) -> str:
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelLoadError(f"{self.path}: needs exactly one input, has {len(inputs)}")
+        graph_input = inputs[0]
+        if graph_input.type != "tensor(uint8)":
+            raise ModelLoadError(
+                f"{self.path}: input {graph_input.name!r} is {graph_input.type}, "
+                "expected tensor(uint8) NHWC images"
+            )
+        spec = self.config.input
+        expected = (None, spec.height, spec.width, 3)
+        if not _shape_matches(graph_input.shape, expected):
+            raise ModelLoadError(
+                f"{self.path}: input shape {graph_input.shape} does not fit "
+                f"[batch, {spec.height}, {spec.width}, 3] from the config"
+            )
+        return str(graph_input.name)
+
+    def _check_output(self) -> None:
+        output = self._session.get_outputs()[0]
+        if output.type != "tensor(float)":
+            raise ModelLoadError(f"{self.path}: output is {output.type}, expected tensor(float)")
+        if not _shape_matches(output.shape, (None, self.config.output_width)):
+            raise ModelLoadError(
+                f"{self.path}: output shape {output.shape} does not fit "
+                f"[batch, {self.config.output_width}] ({self.config.task} with "
+                f"{len(self.config.labels)} labels)"
+            )
+
+
+def _shape_matches(shape: Sequence[Any], expected: Sequence[int | None]) -> bool:
+    """Symbolic or unknown dimensions match anything; None in ``expected`` is any size."""
+    if len(shape) != len(expected):
+        return False
+    return all(
+        want is None or not isinstance(have, int) or have == want
+        for have, want in zip(shape, expected, strict=True)
+    )

@@ -1,0 +1,273 @@
+"""The gRPC servicer: protobuf to plain Python and back, and the one error table.
+
+Everything else (decoding, batching, running, postprocessing) lives in the
+transport-free pipeline. Domain errors map to status codes through ``STATUS_CODES``;
+anything unexpected is logged and answered with INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos import inference_pb2_grpc as pb_grpc
+
+from .errors import ErrorKind, VisionRPCError
+from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
+from .postprocess import (
+    ClassificationResult,
+    ImageResult,
+    LabelScore,
+    MultiLabelResult,
+    PredictionOptions,
+)
+from .repository import LoadedModel, ModelRepository
+
+logger = logging.getLogger(__name__)
+
+STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status a caller sees for an error; unexpected ones are logged here, once."""
+    if isinstance(error, VisionRPCError):
+        return STATUS_CODES[error.kind], error.message
+    logger.error("unexpected error", exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(
+        self, pipeline: Pipeline, repository: ModelRepository, *, stream_max_in_flight: int
+    ) -> None:
+        self._pipeline = pipeline
+        self._repository = repository
+        self._stream_max_in_flight = stream_max_in_flight
+
+    async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        return response_to_proto(outcome, request.request_id)
+
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: Context
+    ) -> AsyncIterator[pb.PredictResponse]:
+        """Answers requests concurrently, at most ``stream_max_in_flight`` at a time.
+
+        A slot frees only once its answer is sent, so a client that stops reading
+        stops the server from reading (and working on) more of its requests.
+        """
+        deadline = _deadline(context)
+        answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_in_flight)
+
+        async def answer(request: pb.PredictRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request, deadline))
+
+        async def read_requests() -> None:
+            in_flight: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                for task in in_flight:
+                    task.cancel()
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+            await reader
+        finally:
+            reader.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context
+    ) -> pb.ListModelsResponse:
+        summaries = []
+        for name in self._repository.names():
+            newest = self._repository.get(name)
+            summaries.append(
+                pb.ModelSummary(
+                    name=name,
+                    task=newest.config.task,
+                    versions=[str(v) for v in self._repository.versions(name)],
+                    provider=newest.runtime.provider,
+                )
+            )
+        return pb.ListModelsResponse(models=summaries)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
+        try:
+            model = self._repository.get(request.model, request.version)
+        except VisionRPCError as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        return model_info_to_proto(model, self._repository.versions(model.name))
+
+    async def _stream_answer(
+        self, request: pb.PredictRequest, deadline: float | None
+    ) -> pb.PredictResponse:
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), deadline)
+        except Exception as exc:
+            code, message = status_of(exc)
+            return pb.PredictResponse(
+                model=request.model,
+                version=request.version,
+                request_id=request.request_id,
+                error=pb.Status(code=code.value[0], message=message),
+            )
+        return response_to_proto(outcome, request.request_id)
+
+
+def _deadline(context: Context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def call_from_proto(request: pb.PredictRequest) -> PredictCall:
+    return PredictCall(
+        model=request.model,
+        version=request.version or None,
+        images=[image_from_proto(image) for image in request.images],
+        options=options_from_proto(request.options),
+    )
+
+
+def image_from_proto(image: pb.Image) -> ImageInput:
+    if image.HasField("raw"):
+        raw = image.raw
+        return RawImage(
+            pixels=raw.pixels, height=raw.height, width=raw.width, channels=raw.channels
+        )
+    # An image with neither field set arrives as empty bytes and fails as "empty".
+    return EncodedImage(data=image.encoded)
+
+
+def options_from_proto(options: pb.PredictionOptions) -> PredictionOptions:
+    return PredictionOptions(
+        top_k=options.top_k if options.HasField("top_k") else None,
+        threshold=options.threshold if options.HasField("threshold") else None,
+        class_thresholds=dict(options.class_thresholds),
+        min_confidence=options.min_confidence if options.HasField("min_confidence") else None,
+        tta=options.tta if options.HasField("tta") else None,
+        tta_views=options.tta_views if options.HasField("tta_views") else None,
+        all_scores=options.all_scores,
+    )
+
+
+def response_to_proto(outcome: PredictOutcome, request_id: str) -> pb.PredictResponse:
+    return pb.PredictResponse(
+        model=outcome.model.name,
+        version=str(outcome.model.version),
+        task=outcome.model.config.task,
+        results=[image_result_to_proto(result) for result in outcome.results],
+        request_id=request_id,
+    )
+
+
+def image_result_to_proto(outcome: ImageResult | VisionRPCError) -> pb.ImageResult:
+    if isinstance(outcome, VisionRPCError):
+        code, message = status_of(outcome)
+        return pb.ImageResult(error=pb.Status(code=code.value[0], message=message))
+    converted = pb.ImageResult(
+        tta_applied=outcome.tta_applied,
+        tta_views=outcome.tta_views,
+        original_width=outcome.original_width,
+        original_height=outcome.original_height,
+    )
+    result = outcome.result
+    if isinstance(result, ClassificationResult):
+        converted.classification.CopyFrom(
+            pb.Classification(
+                top=[_label_score(item) for item in result.top],
+                below_min_confidence=result.below_min_confidence,
+                min_confidence=result.min_confidence,
+            )
+        )
+    elif isinstance(result, MultiLabelResult):
+        converted.multilabel.CopyFrom(
+            pb.MultiLabel(
+                labels=[_label_score(item) for item in result.labels],
+                all_scores=[_label_score(item) for item in result.all_scores],
+            )
+        )
+    else:
+        converted.points.CopyFrom(
+            pb.Points(
+                points=[
+                    pb.Point(
+                        name=point.name,
+                        x=point.x,
+                        y=point.y,
+                        x_normalized=point.x_normalized,
+                        y_normalized=point.y_normalized,
+                    )
+                    for point in result.points
+                ]
+            )
+        )
+    return converted
+
+
+def _label_score(item: LabelScore) -> pb.LabelScore:
+    return pb.LabelScore(label=item.label, score=item.score, threshold=item.threshold)
+
+
+def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+    config = model.config
+    return pb.ModelInfo(
+        name=config.name,
+        version=str(model.version),
+        versions=[str(v) for v in versions],
+        task=config.task,
+        labels=list(config.labels),
+        input=pb.InputGeometry(
+            height=config.input.height,
+            width=config.input.width,
+            resize_method=config.input.resize_method,
+        ),
+        threshold=config.threshold,
+        class_thresholds=dict(config.class_thresholds),
+        min_confidence=config.min_confidence,
+        tta=pb.TTASettings(
+            enabled=config.tta.enabled, views=list(config.tta.views), beta=config.tta.beta
+        ),
+        provider=model.runtime.provider,
+        batching=pb.BatchingSettings(
+            max_batch_size=model.batching.max_batch_size,
+            max_queue_delay_ms=model.batching.max_queue_delay_ms,
+            max_queue_size=model.batching.max_queue_size,
+            instances=model.batching.instances,
+        ),
+        metrics=dict(config.training.metrics),
+        dataset=config.training.dataset,
+        trained_at=config.training.trained_at,
+        config_json=config.to_json(),
+    )

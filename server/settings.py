@@ -1,0 +1,165 @@
+"""Server settings: one dataclass, filled from flags, environment, a config file, defaults.
+
+Precedence, highest first: a command-line flag, the environment variable
+``VISIONRPC_<FIELD>`` (e.g. ``VISIONRPC_MAX_BATCH_SIZE``), the config file given by
+``--config`` / ``VISIONRPC_CONFIG`` (YAML or JSON, keys are field names), then the
+default below. ``host`` defaults to loopback so a bare ``visionrpc serve`` is never
+exposed by accident; the container sets ``VISIONRPC_HOST=0.0.0.0``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .batching import BatchSettings
+
+ENV_PREFIX = "VISIONRPC_"
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names where it came from."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    repository: Path = Path("models")
+    host: str = "127.0.0.1"
+    port: int = 8001
+    # Prometheus endpoint; 0 turns it off.
+    metrics_port: int = 8002
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Batching defaults for models whose config does not say.
+    max_batch_size: int = 16
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256
+    instances: int = 1
+    # 0 leaves the choice to onnxruntime.
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    # "auto" is CUDA then CPU among those available, or an explicit list of providers.
+    providers: tuple[str, ...] = ("auto",)
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    # Threads that decode and resize images; 0 is one per CPU.
+    preprocess_workers: int = 0
+    # PredictStream: requests of one stream that are worked on at once.
+    stream_max_in_flight: int = 64
+    shutdown_grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        for name in ("port", "metrics_port", "intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must not be negative")
+        if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
+            raise SettingsError("max_queue_delay_ms and shutdown_grace_seconds must be >= 0")
+        if not self.providers:
+            raise SettingsError("providers must name at least one provider, or auto")
+
+    @property
+    def default_batching(self) -> BatchSettings:
+        return BatchSettings(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_ms=self.max_queue_delay_ms,
+            max_queue_size=self.max_queue_size,
+            instances=self.instances,
+        )
+
+
+def _parse_providers(value: Any) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _parse_path(value: Any) -> Path:
+    return Path(value).expanduser()
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "Path": _parse_path,
+    "tuple[str, ...]": _parse_providers,
+}
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(ServerSettings)]
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """Convert a flag, environment or file value to the field's type."""
+    field = {f.name: f for f in fields(ServerSettings)}[name]
+    parser = _PARSERS[str(field.type)]
+    if isinstance(value, bool) or (parser in (int, float) and isinstance(value, list | dict)):
+        raise SettingsError(f"{name}: {value!r} is not a number")
+    try:
+        return parser(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}: cannot use {value!r}: {exc}") from exc
+
+
+def load_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> ServerSettings:
+    """Merge the sources; ``flags`` holds only the flags that were given."""
+    if config_file is None and environ.get(ENV_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENV_PREFIX + "CONFIG"])
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        for name, value in read_config_file(config_file).items():
+            values[name] = _with_source(name, value, str(config_file))
+    for name in field_names():
+        env_name = ENV_PREFIX + name.upper()
+        if env_name in environ:
+            values[name] = _with_source(name, environ[env_name], env_name)
+    for name, value in flags.items():
+        values[name] = _with_source(name, value, "--" + name.replace("_", "-"))
+    try:
+        return ServerSettings(**values)
+    except SettingsError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(str(exc)) from exc
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise SettingsError(f"{path}: cannot read: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: must be a mapping of setting names to values")
+    unknown = sorted(set(data) - set(field_names()))
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+    return data
+
+
+def _with_source(name: str, value: Any, source: str) -> Any:
+    try:
+        return parse_value(name, value)
+    except SettingsError as exc:
+        raise SettingsError(f"{source}: {exc}") from exc

@@ -1,0 +1,228 @@
+"""The batcher on its own: pure asyncio, a Python function as the model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from visionrpc.server.batching import Batcher, BatchSettings
+from visionrpc.server.errors import (
+    DeadlineExceeded,
+    ErrorKind,
+    Overloaded,
+    Unavailable,
+    VisionRPCError,
+)
+
+
+class GatedModel:
+    """Doubles its input; each run blocks until the test opens the gate."""
+
+    def __init__(self, *, open_gate: bool = False) -> None:
+        self.gate = threading.Event()
+        if open_gate:
+            self.gate.set()
+        self.started = threading.Semaphore(0)
+        self.batches: list[list[float]] = []
+        self.concurrent = 0
+        self.most_concurrent = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.batches.append([float(v) for v in batch[:, 0]])
+            self.concurrent += 1
+            self.most_concurrent = max(self.most_concurrent, self.concurrent)
+        self.started.release()
+        try:
+            if not self.gate.wait(timeout=10):
+                raise RuntimeError("the test never opened the gate")
+            if np.any(batch < 0):
+                raise ValueError("negative input")
+            return batch * 2.0
+        finally:
+            with self._lock:
+                self.concurrent -= 1
+
+    async def wait_started(self) -> None:
+        assert await asyncio.to_thread(self.started.acquire, True, 10)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(batch) for batch in self.batches]
+
+
+def settings(**overrides: float) -> BatchSettings:
+    values = {"max_batch_size": 8, "max_queue_delay_ms": 20.0, "max_queue_size": 64, "instances": 1}
+    values.update(overrides)
+    return BatchSettings(
+        max_batch_size=int(values["max_batch_size"]),
+        max_queue_delay_ms=float(values["max_queue_delay_ms"]),
+        max_queue_size=int(values["max_queue_size"]),
+        instances=int(values["instances"]),
+    )
+
+
+def rows(*values: float) -> list[np.ndarray]:
+    return [np.array([value], dtype=np.float32) for value in values]
+
+
+async def results(futures: list[asyncio.Future[np.ndarray]]) -> list[float]:
+    return [float(row[0]) for row in await asyncio.gather(*futures)]
+
+
+async def test_rows_of_one_submit_run_as_one_batch_and_come_back_in_order() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(), name="t")
+    assert await results(batcher.submit(rows(1, 2, 3, 4, 5))) == [2, 4, 6, 8, 10]
+    assert model.sizes == [5]
+    assert (batcher.stats.runs, batcher.stats.rows_run, batcher.stats.largest_batch) == (1, 5, 5)
+    await batcher.close()
+
+
+async def test_a_batch_never_exceeds_max_batch_size() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(max_batch_size=4), name="t")
+    answers = await results(batcher.submit(rows(*range(10))))
+    assert answers == [2.0 * v for v in range(10)]
+    assert model.sizes == [4, 4, 2]
+    await batcher.close()
+
+
+async def test_rows_arriving_within_the_delay_of_the_first_join_its_batch() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(max_queue_delay_ms=300.0), name="t")
+    first = batcher.submit(rows(1))
+    await asyncio.sleep(0.05)
+    second = batcher.submit(rows(2))
+    assert await results(first + second) == [2, 4]
+    assert model.sizes == [2]
+    await batcher.close()
+
+
+async def test_a_lone_row_waits_for_the_delay_then_runs_alone() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(max_queue_delay_ms=50.0), name="t")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await results(batcher.submit(rows(3))) == [6]
+    assert loop.time() - started >= 0.045
+    assert model.sizes == [1]
+    await batcher.close()
+
+
+async def test_the_next_batch_fills_while_the_model_is_busy() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_queue_delay_ms=0.0), name="t")
+    first = batcher.submit(rows(1))
+    await model.wait_started()
+    later = [batcher.submit(rows(v)) for v in (2, 3, 4, 5, 6, 7)]
+    # The delay has long passed for the waiting rows, yet they wait for the busy instance.
+    await asyncio.sleep(0.05)
+    assert model.sizes == [1]
+    model.gate.set()
+    assert await results(first + [f for group in later for f in group]) == [2, 4, 6, 8, 10, 12, 14]
+    assert model.sizes == [1, 6]
+    await batcher.close()
+
+
+async def test_instances_run_batches_concurrently() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_batch_size=1, instances=2), name="t")
+    futures = batcher.submit(rows(1, 2, 3))
+    await model.wait_started()
+    await model.wait_started()
+    model.gate.set()
+    assert await results(futures) == [2, 4, 6]
+    assert model.most_concurrent == 2
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_at_once_with_overloaded() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_queue_size=3, max_batch_size=1), name="t")
+    running = batcher.submit(rows(1))
+    await model.wait_started()
+    queued = batcher.submit(rows(2, 3))
+    with pytest.raises(Overloaded) as refused:
+        batcher.submit(rows(4, 5))
+    assert refused.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+    assert batcher.queued == 2  # all-or-nothing: neither row of the refused submit queued
+    queued += batcher.submit(rows(6))
+    model.gate.set()
+    assert await results(running + queued) == [2, 4, 6, 12]
+    await batcher.close()
+
+
+async def test_more_rows_than_the_queue_holds_are_refused() -> None:
+    batcher = Batcher(GatedModel(open_gate=True), settings(max_queue_size=2), name="t")
+    with pytest.raises(Overloaded, match="more than its queue holds"):
+        batcher.submit(rows(1, 2, 3))
+    await batcher.close()
+
+
+async def test_rows_past_their_deadline_are_dropped_before_compute() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_batch_size=1), name="t")
+    running = batcher.submit(rows(1))
+    await model.wait_started()
+    expiring = batcher.submit(rows(2), deadline=time.monotonic() + 0.05)
+    kept = batcher.submit(rows(3), deadline=None)
+    await asyncio.sleep(0.1)
+    model.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await expiring[0]
+    assert await results(running + kept) == [2, 6]
+    assert model.batches == [[1.0], [3.0]]
+    assert batcher.stats.dropped_expired == 1
+    await batcher.close()
+
+
+async def test_cancelled_rows_are_dropped_before_compute() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_batch_size=4), name="t")
+    running = batcher.submit(rows(1))
+    await model.wait_started()
+    abandoned = batcher.submit(rows(2, 3))
+    kept = batcher.submit(rows(4))
+    for future in abandoned:
+        future.cancel()
+    model.gate.set()
+    assert await results(running + kept) == [2, 8]
+    assert model.batches == [[1.0], [4.0]]
+    assert batcher.stats.dropped_cancelled == 2
+    await batcher.close()
+
+
+async def test_a_failing_run_fails_only_its_own_batch() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(max_queue_delay_ms=0.0), name="t")
+    with pytest.raises(VisionRPCError, match="negative input") as failed:
+        await asyncio.gather(*batcher.submit(rows(-1, 5)))
+    assert failed.value.kind is ErrorKind.INTERNAL
+    assert await results(batcher.submit(rows(7))) == [14]
+    await batcher.close()
+
+
+async def test_close_fails_queued_rows_and_lets_running_ones_finish() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_batch_size=1), name="t")
+    running = batcher.submit(rows(1))
+    await model.wait_started()
+    queued = batcher.submit(rows(2, 3))
+    closing = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.02)
+    for future in queued:
+        with pytest.raises(Unavailable):
+            await future
+    assert not closing.done()  # still waiting for the running batch
+    model.gate.set()
+    assert await results(running) == [2]
+    await closing
+    with pytest.raises(Unavailable):
+        batcher.submit(rows(4))
+    assert model.batches == [[1.0]]

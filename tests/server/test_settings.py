@@ -1,0 +1,109 @@
+"""Server settings: flag over environment over config file over default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from visionrpc.cli import build_parser
+from visionrpc.server import cli as server_cli
+from visionrpc.server.settings import ServerSettings, SettingsError, field_names, load_settings
+
+
+def parse_serve(*flags: str) -> ServerSettings:
+    return server_cli.settings_from_args(build_parser().parse_args(["serve", *flags]), {})
+
+
+def test_defaults_without_any_source() -> None:
+    settings = load_settings({}, {})
+    assert (settings.host, settings.port, settings.metrics_port) == ("127.0.0.1", 8001, 8002)
+    assert settings.max_message_bytes == 64 * 1024 * 1024
+    assert (settings.max_batch_size, settings.max_queue_delay_ms) == (16, 2.0)
+    assert (settings.max_queue_size, settings.instances) == (256, 1)
+    assert settings.providers == ("auto",)
+    assert settings.shutdown_grace_seconds == 10.0
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text(
+        "port: 9001\nmax_batch_size: 4\nhost: 0.0.0.0\nlog_format: json\nmax_queue_delay_ms: 7\n"
+    )
+    environ = {
+        "VISIONRPC_PORT": "9002",
+        "VISIONRPC_MAX_QUEUE_DELAY_MS": "3.5",
+        "VISIONRPC_PROVIDERS": "CPUExecutionProvider",
+    }
+    flags = build_parser().parse_args(["serve", "--config", str(config), "--port", "9003"])
+    settings = server_cli.settings_from_args(flags, environ)
+    assert settings.port == 9003  # flag
+    assert settings.max_queue_delay_ms == 3.5  # environment over file
+    assert settings.providers == ("CPUExecutionProvider",)  # environment
+    assert (settings.max_batch_size, settings.host, settings.log_format) == (4, "0.0.0.0", "json")
+    assert settings.metrics_port == 8002  # default
+
+
+def test_the_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "server.json"
+    config.write_text('{"repository": "/srv/models", "providers": ["A", "B"], "instances": 2}')
+    settings = load_settings({}, {"VISIONRPC_CONFIG": str(config)})
+    assert settings.repository == Path("/srv/models")
+    assert settings.providers == ("A", "B")
+    assert settings.instances == 2
+
+
+def test_every_setting_has_a_flag() -> None:
+    settings = parse_serve(
+        *(f"--{name.replace('_', '-')}={value}" for name, value in SAMPLE_VALUES.items())
+    )
+    assert {name: getattr(settings, name) for name in SAMPLE_VALUES} == {
+        **SAMPLE_VALUES,
+        "repository": Path("/m"),
+        "providers": ("CPUExecutionProvider", "X"),
+    }
+    assert set(SAMPLE_VALUES) == set(field_names())
+
+
+SAMPLE_VALUES: dict[str, object] = {
+    "repository": "/m",
+    "host": "::",
+    "port": 1,
+    "metrics_port": 0,
+    "max_message_bytes": 1000,
+    "max_batch_size": 2,
+    "max_queue_delay_ms": 0.5,
+    "max_queue_size": 3,
+    "instances": 4,
+    "intra_op_threads": 5,
+    "inter_op_threads": 6,
+    "providers": "CPUExecutionProvider,X",
+    "max_image_bytes": 7,
+    "max_image_pixels": 8,
+    "preprocess_workers": 9,
+    "stream_max_in_flight": 10,
+    "shutdown_grace_seconds": 1.5,
+    "log_level": "DEBUG",
+    "log_format": "json",
+}
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"VISIONRPC_PORT": "eighty"}, "VISIONRPC_PORT"),
+        ({"VISIONRPC_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
+        ({"VISIONRPC_LOG_FORMAT": "xml"}, "log_format"),
+        ({"VISIONRPC_LOG_LEVEL": "LOUD"}, "log_level"),
+    ],
+)
+def test_bad_values_are_refused_naming_their_source(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings({}, environ)
+
+
+def test_an_unknown_key_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("port: 1\nbatch_size: 4\n")
+    with pytest.raises(SettingsError, match=r"unknown setting.*batch_size"):
+        load_settings({}, {}, config)
