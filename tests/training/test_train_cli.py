@@ -1,0 +1,161 @@
+"""``visionrpc train ...`` end to end: synthetic data in, a served-ready repository out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from visionrpc.cli import main
+from visionrpc.server.model_config import ModelConfig, load_model_config, model_versions
+from visionrpc.server.preprocess import load_image, prepare
+from visionrpc.training.cli import ARCHS
+from visionrpc.training.export import serving_model
+from visionrpc.training.models import ARCHITECTURES, create_model, model_from_checkpoint
+from visionrpc.training.synthetic import make_dataset
+from visionrpc.training.tasks import get_task
+
+TINY = ["--arch", "tiny", "--weights", "none", "--bs", "16", "--quiet"]
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path) -> Iterator[Path]:
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
+
+
+def read_config(repository: Path, name: str) -> ModelConfig:
+    return load_model_config(repository / name / "config.json")
+
+
+def test_make_data_then_train_pets_writes_a_model_that_matches_its_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, repository = tmp_path / "pets", tmp_path / "repo"
+    assert main(["train", "make-data", "pets", str(data)]) == 0
+    assert any((data / "images").glob("*.jpg"))
+    argv = ["train", "pets", "--data", str(data), "--repository", str(repository), *TINY]
+    assert main([*argv, "--size", "32", "--epochs", "2", "--lr", "1e-2"]) == 0
+    printed = capsys.readouterr().out
+    assert "train_loss" in printed and "error_rate" in printed
+
+    config = read_config(repository, "pets")
+    assert config.task == "classification"
+    assert len(config.labels) == 10
+    assert (config.input.height, config.input.width) == (32, 32)
+    assert config.training.arch == "tiny"
+    assert 0.0 <= config.training.metrics["error_rate"] <= 1.0
+    assert model_versions(repository / "pets") == [1]
+    version = repository / "pets" / "1"
+    assert {p.name for p in (version / "plots").iterdir()} == {
+        "predictions.png",
+        "confusion_matrix.png",
+    }
+    # The checkpoint rebuilds the exported model: same answer for a real file.
+    checkpoint = torch.load(version / "checkpoint.pt", weights_only=True)
+    serving = serving_model(model_from_checkpoint(checkpoint), get_task(checkpoint["task"]))
+    image_file = next((data / "images").glob("*.jpg"))
+    pixels, _ = prepare(load_image(image_file.read_bytes()), config.input)
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    (served,) = session.run(None, {"images": pixels[None]})
+    with torch.no_grad():
+        expected = serving(torch.from_numpy(pixels[None])).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+    assert main([*argv, "--size", "32", "--epochs", "1", "--lr", "1e-2"]) == 0
+    assert model_versions(repository / "pets") == [1, 2]
+
+
+def test_train_voc_stores_the_threshold_its_sweep_chose(tmp_path: Path) -> None:
+    data = make_dataset("voc", tmp_path / "voc", images=40)
+    argv = ["train", "voc", "--data", str(data), "--repository", str(tmp_path / "repo"), *TINY]
+    assert main([*argv, "--size", "32", "--epochs", "1", "--lr", "1e-2", "--mixup", "0.4"]) == 0
+    config = read_config(tmp_path / "repo", "voc")
+    assert config.task == "multilabel"
+    assert config.threshold == config.training.metrics["threshold"]
+    assert round(config.threshold / 0.05) * 0.05 == pytest.approx(config.threshold)
+    assert 0.05 <= config.threshold <= 0.95
+    assert (tmp_path / "repo" / "voc" / "1" / "plots" / "threshold_sweep.png").is_file()
+
+
+def test_train_biwi_without_a_rate_runs_lr_find_and_plots_points(tmp_path: Path) -> None:
+    data = make_dataset("biwi", tmp_path / "biwi", people=2, frames_per_person=8)
+    argv = ["train", "biwi", "--data", str(data), "--repository", str(tmp_path / "repo"), *TINY]
+    assert main([*argv, "--size", "24x32", "--epochs", "1", "--name", "heads"]) == 0
+    config = read_config(tmp_path / "repo", "heads")
+    assert config.task == "points"
+    assert config.labels == ("head_center",)
+    assert (config.input.height, config.input.width) == (24, 32)
+    assert config.training.metrics["point_error_px"] > 0
+    plots = {p.name for p in (tmp_path / "repo" / "heads" / "1" / "plots").iterdir()}
+    assert plots == {"points.png", "lr_find.png"}
+
+
+def test_lr_find_prints_its_suggestions_and_writes_the_plot(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=4, per_breed=10)
+    plot = tmp_path / "lr.png"
+    argv = ["train", "lr-find", "pets", "--data", str(data), "--out", str(plot), *TINY]
+    assert main([*argv, "--size", "32"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert float(lines["valley"]) > 0 and float(lines["steep"]) > 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_pretrained_weights_fail_with_instructions(
+    tmp_path: Path, hub_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=2, per_breed=3)
+    argv = ["train", "pets", "--data", str(data), "--repository", str(tmp_path / "repo")]
+    assert main([*argv, "--arch", "resnet18"]) == 1
+    error = capsys.readouterr().err
+    assert str(hub_dir / "checkpoints" / "resnet18-f37072fd.pth") in error
+    assert "--weights none" in error
+    assert not (tmp_path / "repo").exists()
+
+
+def test_mixup_for_points_is_refused_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("biwi", tmp_path / "biwi", people=2, frames_per_person=2)
+    argv = ["train", "biwi", "--data", str(data), "--repository", str(tmp_path / "repo"), *TINY]
+    assert main([*argv, "--mixup", "0.4"]) == 1
+    assert "mixup does not apply to the points task" in capsys.readouterr().err
+
+
+def test_the_cli_parser_is_built_without_importing_torch() -> None:
+    code = (
+        "import sys; from visionrpc.cli import build_parser; "
+        "build_parser().parse_args(['train', 'pets', '--data', 'd', '--repository', 'r']); "
+        "print(sorted(m for m in ('torch', 'torchvision', 'onnx') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_pretrained_weights_from_a_file_fine_tune_frozen_then_unfrozen(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    weights = tmp_path / "tiny-body.pth"
+    torch.save(create_model("tiny", 1, None).body.state_dict(), weights)
+    data = make_dataset("pets", tmp_path / "pets", breeds=3, per_breed=8)
+    argv = ["train", "pets", "--data", str(data), "--repository", str(tmp_path / "repo")]
+    options = ["--arch", "tiny", "--weights", str(weights), "--size", "32", "--bs", "8"]
+    assert main([*argv, *options, "--epochs", "1", "--freeze-epochs", "1", "--lr", "1e-2"]) == 0
+    # One table per phase: the frozen epoch, then the unfrozen one with discriminative rates.
+    assert capsys.readouterr().out.count("train_loss") == 2
+
+
+def test_the_cli_offers_exactly_the_registered_architectures() -> None:
+    assert set(ARCHS) == set(ARCHITECTURES)

@@ -1,0 +1,267 @@
+"""Architectures: a pretrained body cut from a torchvision model plus a fastai-style head.
+
+Pretrained weights are never downloaded: they come from ``--weights PATH`` or from the
+torch hub cache, where torchvision itself would have saved them. ``--weights none``
+starts from random initialisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsNotFound(FileNotFoundError):
+    """Pretrained weights were asked for but no file is available offline."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How to build a body, and where its pretrained weights would live."""
+
+    name: str
+    build_body: Callable[[], nn.Sequential]
+    # Loads a state dict of the full torchvision model into a fresh body.
+    load_body: Callable[[dict[str, Tensor]], nn.Sequential]
+    body_channels: int
+    # fastai's split point: layers before it train at the smallest learning rate.
+    early_layers: int
+    head_hidden: int = 512
+    # fastai's head dropout; the tiny CNN, trained from scratch on little data, needs less.
+    dropout: float = 0.5
+    weights_file: str | None = None
+
+
+def _torchvision_body(name: str, keep: Callable[[nn.Module], list[nn.Module]]) -> nn.Sequential:
+    return nn.Sequential(*keep(torchvision.models.get_model(name, weights=None)))
+
+
+def _torchvision_loader(
+    name: str, keep: Callable[[nn.Module], list[nn.Module]]
+) -> Callable[[dict[str, Tensor]], nn.Sequential]:
+    def load(state: dict[str, Tensor]) -> nn.Sequential:
+        full = torchvision.models.get_model(name, weights=None)
+        full.load_state_dict(state)
+        return nn.Sequential(*keep(full))
+
+    return load
+
+
+def _resnet_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.children())[:-2]  # everything before the average pool and classifier
+
+
+def _mobilenet_layers(model: nn.Module) -> list[nn.Module]:
+    return list(model.get_submodule("features").children())
+
+
+def _tiny_body() -> nn.Sequential:
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+    return nn.Sequential(
+        block(3, 16), block(16, 32), block(32, 64), block(64, 128), block(128, 128)
+    )
+
+
+def _load_tiny(state: dict[str, Tensor]) -> nn.Sequential:
+    body = _tiny_body()
+    body.load_state_dict(state)
+    return body
+
+
+def _weights_file(name: str) -> str:
+    url: str = torchvision.models.get_model_weights(name).DEFAULT.url
+    return url.rsplit("/", 1)[-1]
+
+
+def _torchvision_arch(
+    name: str, keep: Callable[[nn.Module], list[nn.Module]], channels: int, early: int
+) -> Architecture:
+    return Architecture(
+        name=name,
+        build_body=lambda: _torchvision_body(name, keep),
+        load_body=_torchvision_loader(name, keep),
+        body_channels=channels,
+        early_layers=early,
+        weights_file=_weights_file(name),
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch
+    for arch in (
+        _torchvision_arch("resnet18", _resnet_layers, 512, 6),
+        _torchvision_arch("resnet34", _resnet_layers, 512, 6),
+        _torchvision_arch("resnet50", _resnet_layers, 2048, 6),
+        _torchvision_arch("mobilenet_v3_small", _mobilenet_layers, 576, 7),
+        Architecture("tiny", _tiny_body, _load_tiny, 128, 3, head_hidden=128, dropout=0.25),
+    )
+}
+
+
+def hub_weights_path(arch: str) -> Path | None:
+    """Where torchvision caches this architecture's default weights (None: it has none)."""
+    file_name = ARCHITECTURES[arch].weights_file
+    return None if file_name is None else Path(torch.hub.get_dir()) / "checkpoints" / file_name
+
+
+def resolve_weights(arch: str, weights: str | None) -> Path | None:
+    """The weights file to start from; None means random initialisation.
+
+    ``weights`` is a path, ``"none"``, or None for the architecture's default (pretrained
+    where torchvision has weights for it).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+    if weights == "none":
+        return None
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsNotFound(f"--weights {path}: no such file")
+        return path
+    cached = hub_weights_path(arch)
+    if cached is None:
+        return None
+    if not cached.is_file():
+        raise WeightsNotFound(
+            f"{arch} starts from ImageNet weights, which are not available offline. "
+            f"Put {cached.name} (from torchvision) at {cached}, pass --weights PATH to a "
+            "state dict of that file, or pass --weights none to train from random weights."
+        )
+    return cached
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """Average and max pooling side by side, as fastai's head does: twice the features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.avg = nn.AdaptiveAvgPool2d(1)
+        self.max = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.max(x), self.avg(x)], dim=1)
+
+
+def create_head(n_features: int, n_out: int, hidden: int, dropout: float = 0.5) -> nn.Sequential:
+    head = nn.Sequential(
+        AdaptiveConcatPool2d(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features),
+        nn.Dropout(dropout / 2),
+        nn.Linear(2 * n_features, hidden, bias=False),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(hidden),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, n_out, bias=False),
+    )
+    for layer in head:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight)
+    return head
+
+
+class VisionModel(nn.Module):
+    """Body and head, with fastai's freezing and parameter groups."""
+
+    def __init__(self, arch: str, n_out: int, body: nn.Sequential | None = None) -> None:
+        super().__init__()
+        spec = ARCHITECTURES[arch]
+        self.arch = arch
+        self.n_out = n_out
+        self.early_layers = spec.early_layers
+        self.body = body if body is not None else spec.build_body()
+        self.head = create_head(spec.body_channels, n_out, spec.head_hidden, spec.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.head(self.body(x))
+        return out
+
+    def param_groups(self) -> list[list[nn.Parameter]]:
+        """Body early, body late, head: the groups discriminative learning rates spread over."""
+        early = [p for layer in self.body[: self.early_layers] for p in layer.parameters()]
+        late = [p for layer in self.body[self.early_layers :] for p in layer.parameters()]
+        return [early, late, list(self.head.parameters())]
+
+    def freeze_body(self) -> None:
+        # BatchNorm stays trainable, as in fastai: its statistics must adapt to the new data.
+        for module in self.body.modules():
+            trainable = isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(trainable)
+
+    def unfreeze(self) -> None:
+        for param in self.parameters():
+            param.requires_grad_(True)
+
+    def checkpoint(self) -> dict[str, Any]:
+        """A plain dict that carries the arguments needed to rebuild this model."""
+        return {"arch": self.arch, "n_out": self.n_out, "state_dict": self.state_dict()}
+
+
+def create_model(arch: str, n_out: int, weights_file: Path | None) -> VisionModel:
+    """A model with a pretrained body from ``weights_file`` (see resolve_weights), or random."""
+    if weights_file is None:
+        return VisionModel(arch, n_out)
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    return VisionModel(arch, n_out, body=ARCHITECTURES[arch].load_body(state))
+
+
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> VisionModel:
+    model = VisionModel(checkpoint["arch"], checkpoint["n_out"])
+    model.load_state_dict(checkpoint["state_dict"])
+    return model
+
+
+def uint8_to_float(images: Tensor) -> Tensor:
+    """uint8 NHWC batches (what the loaders and the server produce) to float NCHW in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(255.0)
+
+
+class Normalized(nn.Module):
+    """Takes float NCHW in [0, 1] and applies the ImageNet statistics before the network."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net((x - self.mean) / self.std)
+        return out
+
+
+class ServingModel(nn.Module):
+    """The exported graph: uint8 NHWC in, the task's activated outputs out."""
+
+    def __init__(self, model: Normalized, activation: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.model = model
+        self.activation = activation
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.activation(self.model(uint8_to_float(images)))
