@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         ModelNotFoundError,
         OverloadedError,
         ServerError,
+        UnauthenticatedError,
         UnavailableError,
         VisionRPCError,
     )
@@ -63,6 +64,7 @@ _HOMES = {
             "ModelNotFoundError",
             "OverloadedError",
             "ServerError",
+            "UnauthenticatedError",
             "UnavailableError",
             "VisionRPCError",
         ],
@@ -108,6 +110,7 @@ __all__ = [
     "RetryPolicy",
     "ServerError",
     "TLSConfig",
+    "UnauthenticatedError",
     "UnavailableError",
     "VisionRPCError",
 ]

@@ -9,6 +9,7 @@
     ├── OverloadedError             RESOURCE_EXHAUSTED: the server's queue is full
     ├── DeadlineExceededError       DEADLINE_EXCEEDED: the call ran past its timeout
     ├── UnavailableError            UNAVAILABLE: no server reachable (after retries)
+    ├── UnauthenticatedError        UNAUTHENTICATED: missing or wrong bearer token
     └── ServerError                 any other status (INTERNAL, UNKNOWN, CANCELLED, ...)
 
 Every error carries the server's message and the ``grpc.StatusCode``; an error for
@@ -60,6 +61,10 @@ class UnavailableError(VisionRPCError):
     """No server answered (down, restarting, unreachable, TLS mismatch), retries included."""
 
 
+class UnauthenticatedError(VisionRPCError):
+    """The server wants a bearer token (``metadata=(("authorization", "Bearer ..."),)``)."""
+
+
 class ServerError(VisionRPCError):
     """Any other failure status: an internal server error, a cancelled call, ..."""
 
@@ -70,6 +75,7 @@ _ERROR_BY_CODE: dict[grpc.StatusCode, type[VisionRPCError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
 
 _CODE_BY_NUMBER: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}

@@ -1,8 +1,12 @@
 """Wires the server together, in order, and runs it until SIGTERM or SIGINT.
 
-Order: load the repository (sessions and warm-up), the servicer, ``grpc.health.v1``
-(overall ``""``, ``visionrpc.v1.Inference``, and one service per model under the
-model's name), reflection, message-size limits, port, start, the Prometheus endpoint.
+Order: the metrics, the servicer over a repository that is still loading,
+``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.Inference``, and one service per
+model under the model's name, all NOT_SERVING), reflection, the bearer-token
+interceptor and message-size limits, the port (TLS when configured), start, the
+Prometheus endpoint; then load the models (sessions and warm-up) and turn health
+SERVING. Listening first lets orchestrators see a live process that is not ready yet
+(instead of a refused connection) while models load, and scrape it meanwhile.
 On a signal: health turns NOT_SERVING, new calls are refused, in-flight calls get
 ``shutdown_grace_seconds`` to finish, then the batchers close.
 """
@@ -14,10 +18,10 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 # The asyncio servicer that grpc_health.v1.health exposes as `aio`, which its stubs omit.
@@ -27,17 +31,20 @@ from grpc_reflection.v1alpha import reflection
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
+from .auth import BearerTokenInterceptor
+from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .repository import ModelRepository, load_repository
 from .runtime import RuntimeOptions
 from .service import InferenceServicer
-from .settings import ServerSettings
+from .settings import ServerSettings, TLSFiles
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -48,6 +55,7 @@ class RunningApp:
     metrics_port: int
     repository: ModelRepository
     health: AsyncHealthServicer
+    metrics: ServerMetrics
     _decode_executor: ThreadPoolExecutor
     _metrics_server: Any
 
@@ -59,19 +67,15 @@ class RunningApp:
         self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+            self._metrics_server.server_close()
 
 
 async def start_app(settings: ServerSettings) -> RunningApp:
-    repository = await asyncio.to_thread(
-        load_repository,
-        settings.repository,
-        RuntimeOptions(
-            providers=settings.providers,
-            intra_op_threads=settings.intra_op_threads,
-            inter_op_threads=settings.inter_op_threads,
-        ),
-        settings.default_batching,
-    )
+    # Read before the slow model loading, so a wrong path fails at once.
+    tls = settings.read_tls_files()
+    auth_token = settings.read_auth_token()
+    metrics = ServerMetrics()
+    repository = ModelRepository({}, [], loading=True)
     decode_executor = ThreadPoolExecutor(
         max_workers=settings.preprocess_workers or None, thread_name_prefix="decode"
     )
@@ -79,53 +83,110 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         repository,
         ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
         decode_executor,
+        metrics,
     )
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
+    )
+    interceptors = (
+        [] if auth_token is None else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE)]
     )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-        ]
+        ],
     )
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
     health_servicer = AsyncHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = ["", INFERENCE_SERVICE, *repository.names()]
-    # A model that failed to load answers NOT_SERVING rather than "unknown service".
-    failed_only = {f.model for f in repository.failures} - set(repository.names())
-    for name in [*service_names, *sorted(failed_only)]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ["", INFERENCE_SERVICE, *_model_folders(settings.repository)]:
+        await health_servicer.set(name, NOT_SERVING)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(address)
+        port = _add_port(server, address, tls)
     except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
         raise OSError(f"cannot listen on {address}: {exc}") from exc
-    await server.start()
     metrics_server, metrics_port = None, 0
     if settings.metrics_port:
-        metrics_server, _ = prometheus_client.start_http_server(
-            settings.metrics_port, addr=settings.host
-        )
-        metrics_port = settings.metrics_port
-    for name in service_names:
-        if name in ("", INFERENCE_SERVICE) and not repository.names():
-            continue
-        await health_servicer.set(name, SERVING)
-    _log_startup(repository, address, port, metrics_port)
-    return RunningApp(
+        metrics_server, _ = metrics.start_http_server(settings.host, settings.metrics_port)
+        metrics_port = metrics_server.server_port
+    await server.start()
+    app = RunningApp(
         server=server,
         port=port,
         metrics_port=metrics_port,
         repository=repository,
         health=health_servicer,
+        metrics=metrics,
         _decode_executor=decode_executor,
         _metrics_server=metrics_server,
     )
+    logger.info("listening on %s (port %d), loading models", address, port)
+    runtime_options = RuntimeOptions(
+        providers=settings.providers,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+    )
+    try:
+        loaded = await asyncio.to_thread(
+            load_repository,
+            settings.repository,
+            runtime_options,
+            settings.default_batching,
+            metrics,
+        )
+    except BaseException:
+        await app.stop(0)
+        raise
+    repository.finish_loading(loaded)
+    await _announce_models(health_servicer, repository)
+    _log_startup(repository, address, port, metrics_port)
+    logger.info(
+        "%s, %s",
+        "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS",
+        "no authentication" if auth_token is None else "bearer token required for Inference",
+    )
+    return app
+
+
+def _model_folders(root: Path) -> list[str]:
+    """The models the repository holds, by folder name, known before any of them loads."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+async def _announce_models(
+    health_servicer: AsyncHealthServicer, repository: ModelRepository
+) -> None:
+    """Loaded models turn SERVING, and the server as a whole when at least one loaded.
+
+    A model that failed to load answers NOT_SERVING rather than "unknown service".
+    """
+    failed_only = {f.model for f in repository.failures} - set(repository.names())
+    for name in sorted(failed_only):
+        await health_servicer.set(name, NOT_SERVING)
+    for name in repository.names():
+        await health_servicer.set(name, SERVING)
+    if repository.names():
+        for name in ("", INFERENCE_SERVICE):
+            await health_servicer.set(name, SERVING)
+
+
+def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:
+    if tls is None:
+        return server.add_insecure_port(address)
+    credentials = grpc.ssl_server_credentials(
+        [(tls.private_key, tls.certificate_chain)],
+        root_certificates=tls.client_ca,
+        require_client_auth=tls.client_ca is not None,
+    )
+    return server.add_secure_port(address, credentials)
 
 
 async def serve(settings: ServerSettings) -> int:
@@ -156,6 +217,16 @@ def _log_startup(repository: ModelRepository, address: str, port: int, metrics_p
             batching.max_queue_size,
             batching.instances,
             model.runtime.warmup_seconds,
+            extra={
+                "model": model.name,
+                "version": str(model.version),
+                "provider": model.runtime.provider,
+                "max_batch_size": batching.max_batch_size,
+                "max_queue_delay_ms": batching.max_queue_delay_ms,
+                "max_queue_size": batching.max_queue_size,
+                "instances": batching.instances,
+                "warmup_seconds": round(model.runtime.warmup_seconds, 3),
+            },
         )
     for failure in repository.failures:
         logger.warning("not serving %s: %s: %s", failure.model, failure.path, failure.reason)

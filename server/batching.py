@@ -7,7 +7,9 @@ or ``max_queue_delay_ms`` after its first row arrived (one fixed deadline per ba
 and only when an instance is free to run it, so the next batch keeps filling while
 the previous one runs. Up to ``instances`` batches run at once in a thread pool
 (onnxruntime releases the GIL). Rows whose caller gave up (cancelled future) or whose
-deadline passed are dropped before they cost compute.
+deadline passed are dropped before they cost compute. What happens is reported to a
+``BatchObserver`` (the server's Prometheus metrics), which this module knows only by
+its methods.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +32,39 @@ logger = logging.getLogger(__name__)
 
 # Runs the model on a stacked batch [N, ...] and returns one output row per input row.
 ModelRun = Callable[[np.ndarray], np.ndarray]
+
+
+class BatchObserver(Protocol):
+    """What a batcher reports; ``metrics.BatcherMetrics`` turns it into Prometheus series."""
+
+    def queue_capacity_set(self, capacity: int) -> None: ...
+    def queue_depth_changed(self, depth: int) -> None: ...
+    def queue_rejected(self) -> None: ...
+    def rows_dropped(self, count: int) -> None: ...
+    def queue_waited(self, seconds: float) -> None: ...
+    def batch_ran(self, size: int, seconds: float) -> None: ...
+
+
+class Unobserved:
+    """The observer of a batcher nobody watches (tests, tools)."""
+
+    def queue_capacity_set(self, capacity: int) -> None:
+        pass
+
+    def queue_depth_changed(self, depth: int) -> None:
+        pass
+
+    def queue_rejected(self) -> None:
+        pass
+
+    def rows_dropped(self, count: int) -> None:
+        pass
+
+    def queue_waited(self, seconds: float) -> None:
+        pass
+
+    def batch_ran(self, size: int, seconds: float) -> None:
+        pass
 
 
 @dataclass(frozen=True)
@@ -79,10 +115,20 @@ def fail_items(items: Sequence[_Item], error: BaseException) -> None:
 
 
 class Batcher:
-    def __init__(self, run: ModelRun, settings: BatchSettings, *, name: str) -> None:
+    def __init__(
+        self,
+        run: ModelRun,
+        settings: BatchSettings,
+        *,
+        name: str,
+        observer: BatchObserver | None = None,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.stats = BatcherStats()
+        self._observer = Unobserved() if observer is None else observer
+        self._observer.queue_capacity_set(settings.max_queue_size)
+        self._observer.queue_depth_changed(0)
         self._run = run
         self._delay_seconds = settings.max_queue_delay_ms / 1000.0
         self._pending: collections.deque[_Item] = collections.deque()
@@ -111,6 +157,7 @@ class Batcher:
             raise Unavailable(f"model {self.name} is shutting down")
         limit = self.settings.max_queue_size
         if len(rows) > limit:
+            self._observer.queue_rejected()
             raise Overloaded(
                 f"model {self.name}: {len(rows)} inputs in one request, "
                 f"more than its queue holds ({limit}); send fewer images per request"
@@ -119,7 +166,9 @@ class Batcher:
             # Rows whose callers gave up must not hold slots; purging costs a scan, so
             # it happens only when the queue looks full.
             self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
+            self._queue_changed()
         if len(self._pending) + len(rows) > limit:
+            self._observer.queue_rejected()
             raise Overloaded(
                 f"model {self.name} is overloaded: {len(self._pending)} of {limit} "
                 "queue slots taken; retry later"
@@ -131,6 +180,7 @@ class Batcher:
             future: asyncio.Future[np.ndarray] = loop.create_future()
             self._pending.append(_Item(row=row, future=future, deadline=deadline, enqueued_at=now))
             futures.append(future)
+        self._queue_changed()
         if self._loop_task is None:
             self._loop_task = loop.create_task(self._batch_loop(), name=f"batcher-{self.name}")
         self._wakeup.set()
@@ -141,6 +191,7 @@ class Batcher:
         self._closed = True
         fail_items(self._pending, Unavailable(f"model {self.name} is shutting down"))
         self._pending.clear()
+        self._queue_changed()
         self._wakeup.set()
         if self._loop_task is not None:
             await self._loop_task
@@ -161,6 +212,7 @@ class Batcher:
             self._wakeup.clear()
             while self._pending and not self._still_wanted(self._pending[0]):
                 self._pending.popleft()
+            self._queue_changed()
             if not self._pending:
                 if self._closed:
                     return None
@@ -173,6 +225,7 @@ class Batcher:
                 now = time.monotonic()
                 if len(self._pending) >= self.settings.max_batch_size or now >= close_at:
                     batch = self._take_live(self.settings.max_batch_size)
+                    self._queue_changed()
                     if batch:
                         return batch
                     continue
@@ -193,27 +246,46 @@ class Batcher:
         """False for a row nobody waits for any more; an expired row's caller learns why."""
         if item.future.done():
             self.stats.dropped_cancelled += 1
+            self._observer.rows_dropped(1)
             return False
         if item.deadline is not None and item.deadline <= time.monotonic():
             self.stats.dropped_expired += 1
+            self._observer.rows_dropped(1)
             item.future.set_exception(
                 DeadlineExceeded(f"model {self.name}: the deadline passed in the queue")
             )
             return False
         return True
 
+    def _queue_changed(self) -> None:
+        self._observer.queue_depth_changed(len(self._pending))
+
+    def _timed_run(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
+        """Runs in the executor, so the time is the model's alone, not the wait for a thread."""
+        started = time.perf_counter()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter() - started
+
     async def _run_batch(self, batch: list[_Item]) -> None:
         """The one place a batch runs: merge, run off the loop, split."""
         try:
             # Callers may have given up while the batch waited for its instance.
             live = [item for item in batch if not item.future.done()]
-            self.stats.dropped_cancelled += len(batch) - len(live)
+            if len(live) < len(batch):
+                self.stats.dropped_cancelled += len(batch) - len(live)
+                self._observer.rows_dropped(len(batch) - len(live))
             if not live:
                 return
+            started = time.monotonic()
+            for item in live:
+                self._observer.queue_waited(started - item.enqueued_at)
             inputs = merge_rows(live)
             loop = asyncio.get_running_loop()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+                outputs, seconds = await loop.run_in_executor(
+                    self._executor, self._timed_run, inputs
+                )
+                self._observer.batch_ran(len(live), seconds)
                 self.stats.runs += 1
                 self.stats.rows_run += len(live)
                 self.stats.largest_batch = max(self.stats.largest_batch, len(live))

@@ -22,6 +22,11 @@ _SETTING_HELP = {
     "repository": "model repository folder (<model>/config.json + <model>/<version>/model.onnx)",
     "host": "address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
     "port": "gRPC port (default 8001)",
+    "tls_cert": "PEM certificate chain; with --tls-key the port speaks TLS",
+    "tls_key": "PEM private key of --tls-cert",
+    "tls_client_ca": "PEM CA certificates; clients must present a certificate they signed",
+    "auth_token_file": "file holding the bearer token the Inference service requires "
+    "(or VISIONRPC_AUTH_TOKEN); health and reflection stay open",
     "metrics_port": "Prometheus /metrics port, 0 = off (default 8002)",
     "max_message_bytes": "largest gRPC message, each way (default 64 MiB)",
     "max_batch_size": "default largest batch (default 16)",
@@ -47,9 +52,12 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         "serve",
         help="serve a model repository over gRPC",
         description="Serve a model repository over gRPC until SIGTERM or SIGINT.",
+        # Otherwise "--auth-token SECRET" would pass as --auth-token-file, the secret a path.
+        allow_abbrev=False,
         epilog="Every flag can also come from VISIONRPC_<NAME> (e.g. VISIONRPC_MAX_BATCH_SIZE) "
         "or from the --config file (keys are the names with underscores); a flag wins over "
-        "the environment, which wins over the file.",
+        "the environment, which wins over the file. The bearer token has no flag, which would "
+        "show it in ps: use VISIONRPC_AUTH_TOKEN, the file's auth_token, or --auth-token-file.",
     )
     parser.add_argument("--config", type=Path, help="settings file, YAML or JSON")
     for name, help_text in _SETTING_HELP.items():
@@ -83,6 +91,9 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
     try:
         return asyncio.run(serve(settings))
+    except SettingsError as exc:  # an unreadable TLS or token file
+        print(f"visionrpc serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # the repository is missing, or the port is taken
         logging.getLogger("visionrpc.server").error("cannot serve: %s", exc)
         return 1

@@ -340,9 +340,50 @@ class ServerMetrics:
     def tta_used(self, model: str, version: str, images: int) -> None:
         self.tta_images.labels(*self._model_version(model, version)).inc(images)
 
+    def for_batcher(self, model: str, version: str) -> BatcherMetrics:
+        """The batcher's events for one loaded model version; call after :meth:`model_loaded`."""
+        return BatcherMetrics(self, *self._model_version(model, version))
+
     def start_http_server(self, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
         """Serves ``/metrics`` from this registry in a daemon thread; port 0 picks a free one.
 
         Stop it with ``server.shutdown(); server.server_close()``.
         """
         return start_http_server(port, host, registry=self.registry)
+
+
+class BatcherMetrics:
+    """One model version's batching families with their labels bound once.
+
+    The batcher reports several events per row; resolving label values on each would
+    take a lock and a dictionary lookup every time.
+    """
+
+    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
+        self._depth = metrics.queue_depth.labels(model, version)
+        self._capacity = metrics.queue_capacity.labels(model, version)
+        self._rejections = metrics.queue_rejections.labels(model, version)
+        self._drops = metrics.deadline_drops.labels(model, version)
+        self._queue_wait = metrics.queue_wait.labels(model, version)
+        self._batch_size = metrics.batch_size.labels(model, version)
+        self._inference = metrics.inference_batch.labels(model, version)
+
+    def queue_capacity_set(self, capacity: int) -> None:
+        self._capacity.set(capacity)
+
+    def queue_depth_changed(self, depth: int) -> None:
+        self._depth.set(depth)
+
+    def queue_rejected(self) -> None:
+        self._rejections.inc()
+
+    def rows_dropped(self, count: int) -> None:
+        """Rows whose deadline passed or whose caller gave up, dropped before compute."""
+        self._drops.inc(count)
+
+    def queue_waited(self, seconds: float) -> None:
+        self._queue_wait.observe(seconds)
+
+    def batch_ran(self, size: int, seconds: float) -> None:
+        self._batch_size.observe(size)
+        self._inference.observe(seconds)

@@ -4,21 +4,31 @@ Each image is decoded and resized in a thread pool, off the event loop. Every vi
 every good image becomes one row in the model's batcher, submitted together. A bad
 image gets its own error naming its index and never fails its neighbours; problems of
 the whole request (unknown model, bad option, no images, overload, deadline) raise.
+Decoding time and what each prediction looks like go to a ``PipelineObserver`` (the
+server's Prometheus metrics), known here only by its methods.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
 from .model_config import InputSpec
-from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
+from .postprocess import (
+    ClassificationResult,
+    ImageResult,
+    MultiLabelResult,
+    PredictionOptions,
+    finish,
+    resolve_options,
+)
 from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
 from .repository import LoadedModel, ModelRepository
 
@@ -59,13 +69,34 @@ class PredictOutcome:
 _PreparedImage = list[tuple[np.ndarray, Geometry]]
 
 
+class PipelineObserver(Protocol):
+    """What the pipeline reports; ``metrics.ServerMetrics`` implements it."""
+
+    def preprocess_observed(self, model: str, seconds: float) -> None: ...
+    def classification_observed(self, model: str, version: str, top1_score: float) -> None: ...
+    def multilabel_observed(self, model: str, version: str, labels_count: int) -> None: ...
+    def points_observed(
+        self,
+        model: str,
+        version: str,
+        xs_normalized: Iterable[float],
+        ys_normalized: Iterable[float],
+    ) -> None: ...
+    def tta_used(self, model: str, version: str, images: int) -> None: ...
+
+
 class Pipeline:
     def __init__(
-        self, repository: ModelRepository, limits: ImageLimits, decode_executor: Executor
+        self,
+        repository: ModelRepository,
+        limits: ImageLimits,
+        decode_executor: Executor,
+        observer: PipelineObserver | None = None,
     ) -> None:
         self.repository = repository
         self._limits = limits
         self._decode_executor = decode_executor
+        self._observer = observer
 
     async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
         """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
@@ -76,7 +107,7 @@ class Pipeline:
         _check_deadline(deadline)
         prepared = await asyncio.gather(
             *(
-                self._prepare(index, image, model.config.input, resolved.views)
+                self._prepare(index, image, model, resolved.views)
                 for index, image in enumerate(call.images)
             )
         )
@@ -92,18 +123,23 @@ class Pipeline:
             image_outputs = np.stack([next(outputs) for _ in views])
             geometries = [geometry for _, geometry in views]
             results.append(finish(model.config, resolved, image_outputs, geometries))
+        if self._observer is not None:
+            observe_results(self._observer, model, results)
         return PredictOutcome(model=model, results=results)
 
     async def _prepare(
-        self, index: int, image: ImageInput, spec: InputSpec, views: tuple[View, ...]
+        self, index: int, image: ImageInput, model: LoadedModel, views: tuple[View, ...]
     ) -> _PreparedImage | VisionRPCError:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(
-                self._decode_executor, decode_and_prepare, image, spec, views, self._limits
+            prepared, seconds = await loop.run_in_executor(
+                self._decode_executor, _timed_decode, image, model.config.input, views, self._limits
             )
         except InvalidInput as exc:
             return InvalidInput(f"image {index}: {exc.message}")
+        if self._observer is not None:
+            self._observer.preprocess_observed(model.name, seconds)
+        return prepared
 
 
 def decode_and_prepare(
@@ -115,6 +151,40 @@ def decode_and_prepare(
     else:
         decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
     return prepare_views(decoded, spec, views)
+
+
+def _timed_decode(
+    image: ImageInput, spec: InputSpec, views: tuple[View, ...], limits: ImageLimits
+) -> tuple[_PreparedImage, float]:
+    """Runs in the decode pool, so the time excludes waiting for a free thread."""
+    started = time.perf_counter()
+    prepared = decode_and_prepare(image, spec, views, limits)
+    return prepared, time.perf_counter() - started
+
+
+def observe_results(
+    observer: PipelineObserver, model: LoadedModel, results: Sequence[ImageResult | VisionRPCError]
+) -> None:
+    """What the answered images look like, so drifting inputs show on a dashboard."""
+    version = str(model.version)
+    answered = [result for result in results if not isinstance(result, VisionRPCError)]
+    for answer in answered:
+        result = answer.result
+        if isinstance(result, ClassificationResult):
+            if result.top:
+                observer.classification_observed(model.name, version, result.top[0].score)
+        elif isinstance(result, MultiLabelResult):
+            observer.multilabel_observed(model.name, version, len(result.labels))
+        else:
+            observer.points_observed(
+                model.name,
+                version,
+                [point.x_normalized for point in result.points],
+                [point.y_normalized for point in result.points],
+            )
+    with_tta = sum(1 for answer in answered if answer.tta_applied)
+    if with_tta:
+        observer.tta_used(model.name, version, with_tta)
 
 
 async def _run_rows(

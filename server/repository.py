@@ -3,6 +3,9 @@
 Layout: ``<root>/<model>/config.(json|yaml)`` and ``<root>/<model>/<version>/model.onnx``.
 A bad config or an unloadable ONNX file is logged with its path and reason and
 skipped; every other model still serves. ``failures`` keeps what was skipped.
+
+The server listens while its models load: until ``finish_loading`` the repository is
+empty and ``get`` answers Unavailable, so callers retry instead of hearing "no model".
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .batching import Batcher, BatchSettings
-from .errors import ModelNotFound
+from .errors import ModelNotFound, Unavailable
 from .model_config import (
     MODEL_FILE,
     BatchingConfig,
@@ -24,6 +28,9 @@ from .model_config import (
     model_versions,
 )
 from .runtime import ModelLoadError, ModelRuntime, RuntimeOptions
+
+if TYPE_CHECKING:
+    from .metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +71,20 @@ def batching_in_force(config: BatchingConfig, defaults: BatchSettings) -> BatchS
 
 class ModelRepository:
     def __init__(
-        self, models: dict[str, dict[int, LoadedModel]], failures: list[LoadFailure]
+        self,
+        models: dict[str, dict[int, LoadedModel]],
+        failures: list[LoadFailure],
+        *,
+        loading: bool = False,
     ) -> None:
         self._models = models
         self.failures = failures
+        self.loading = loading
+
+    def finish_loading(self, loaded: ModelRepository) -> None:
+        """Takes over what a background load produced; call it on the event loop's thread."""
+        self._models, self.failures = loaded._models, loaded.failures
+        self.loading = False
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -83,6 +100,8 @@ class ModelRepository:
 
     def get(self, name: str, version: str | int | None = None) -> LoadedModel:
         """A model version; the newest when ``version`` is None or empty."""
+        if self.loading:
+            raise Unavailable("the server is still loading its models; retry shortly")
         if name not in self._models:
             if any(failure.model == name for failure in self.failures):
                 # The reason names server paths, so it goes to the log, not to callers.
@@ -114,7 +133,10 @@ class ModelRepository:
 
 
 def load_repository(
-    root: Path, runtime_options: RuntimeOptions, default_batching: BatchSettings
+    root: Path,
+    runtime_options: RuntimeOptions,
+    default_batching: BatchSettings,
+    metrics: ServerMetrics | None = None,
 ) -> ModelRepository:
     """Load every model version under ``root``; blocking (sessions and warm-up)."""
     if not root.is_dir():
@@ -125,6 +147,8 @@ def load_repository(
     def skip(model: str, path: Path, reason: str) -> None:
         logger.error("skipping model %s: %s: %s", model, path, reason)
         failures.append(LoadFailure(model=model, path=path, reason=reason))
+        if metrics is not None:
+            metrics.model_load_failed(model)
 
     for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         config_file = find_config_file(model_dir)
@@ -143,7 +167,7 @@ def load_repository(
         for version in versions:
             model_file = model_dir / str(version) / MODEL_FILE
             try:
-                loaded = load_model(model_file, config, version, runtime_options, batching)
+                loaded = load_model(model_file, config, version, runtime_options, batching, metrics)
             except (ModelLoadError, OSError) as exc:
                 skip(config.name, model_file, str(exc))
                 continue
@@ -157,13 +181,20 @@ def load_model(
     version: int,
     runtime_options: RuntimeOptions,
     batching: BatchSettings,
+    metrics: ServerMetrics | None = None,
 ) -> LoadedModel:
     """The one place a model version loads: session, checks, warm-up, its batcher."""
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
     runtime = ModelRuntime(path, config, runtime_options)
     runtime.warm_up([1, batching.max_batch_size])
-    batcher = Batcher(runtime.run, batching, name=f"{config.name}:{version}")
+    observer = None
+    if metrics is not None:
+        metrics.model_loaded(
+            config.name, str(version), config.task, runtime.provider, runtime.warmup_seconds
+        )
+        observer = metrics.for_batcher(config.name, str(version))
+    batcher = Batcher(runtime.run, batching, name=f"{config.name}:{version}", observer=observer)
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher
     )

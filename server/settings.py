@@ -10,8 +10,9 @@ exposed by accident; the container sets ``VISIONRPC_HOST=0.0.0.0``.
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ class ServerSettings:
     repository: Path = Path("models")
     host: str = "127.0.0.1"
     port: int = 8001
+    # PEM files. With both set the port speaks TLS; a client CA makes it mutual TLS,
+    # where every client must present a certificate that CA signed.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # The bearer token the Inference service requires; health and reflection stay open
+    # so orchestrators can probe without it. No flag: the secret would show in `ps`.
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: Path | None = None
     # Prometheus endpoint; 0 turns it off.
     metrics_port: int = 8002
     max_message_bytes: int = 64 * 1024 * 1024
@@ -71,6 +81,14 @@ class ServerSettings:
             raise SettingsError("max_queue_delay_ms and shutdown_grace_seconds must be >= 0")
         if not self.providers:
             raise SettingsError("providers must name at least one provider, or auto")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("tls_cert and tls_key go together: set both for TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("tls_client_ca needs tls_cert and tls_key as well")
+        if self.auth_token is not None and self.auth_token_file is not None:
+            raise SettingsError("set auth_token or auth_token_file, not both")
+        if self.auth_token is not None:
+            _check_token(self.auth_token, "auth_token")
 
     @property
     def default_batching(self) -> BatchSettings:
@@ -80,6 +98,68 @@ class ServerSettings:
             max_queue_size=self.max_queue_size,
             instances=self.instances,
         )
+
+    def read_tls_files(self) -> TLSFiles | None:
+        """The PEM files' contents, checked to be usable, or None for a plaintext port."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        client_ca = self.tls_client_ca
+        files = TLSFiles(
+            certificate_chain=_read_file(self.tls_cert, "tls_cert"),
+            private_key=_read_file(self.tls_key, "tls_key"),
+            client_ca=None if client_ca is None else _read_file(client_ca, "tls_client_ca"),
+        )
+        _check_tls_files(self.tls_cert, self.tls_key, client_ca)
+        return files
+
+    def read_auth_token(self) -> str | None:
+        """The bearer token calls must carry, from the setting or its file; None for none."""
+        if self.auth_token_file is None:
+            return self.auth_token
+        token = _read_file(self.auth_token_file, "auth_token_file").decode(errors="replace")
+        return _check_token(token.strip(), f"auth_token_file {self.auth_token_file}")
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    certificate_chain: bytes
+    private_key: bytes
+    # Set for mutual TLS: the CA that signs the clients' certificates.
+    client_ca: bytes | None
+
+
+def _read_file(path: Path, name: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{name}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _check_tls_files(cert: Path, key: Path, client_ca: Path | None) -> None:
+    # grpc refuses unusable files only when binding, as "Failed to bind to address".
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # A password callback, so an encrypted key fails here rather than prompting.
+        context.load_cert_chain(cert, key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        raise SettingsError(
+            f"tls_cert {cert} and tls_key {key}: not a matching PEM certificate and "
+            f"unencrypted key: {exc.reason or exc}"
+        ) from exc
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise SettingsError(
+                f"tls_client_ca {client_ca}: not PEM CA certificates: {exc.reason or exc}"
+            ) from exc
+
+
+def _check_token(token: str, source: str) -> str:
+    # What a client can put after "Bearer " in a gRPC metadata value: visible ASCII.
+    if not token or not all("!" <= char <= "~" for char in token):
+        raise SettingsError(f"{source}: the token must be non-empty visible ASCII, no spaces")
+    return token
 
 
 def _parse_providers(value: Any) -> tuple[str, ...]:
@@ -91,11 +171,18 @@ def _parse_path(value: Any) -> Path:
     return Path(value).expanduser()
 
 
+def _optional(parser: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    # An empty environment variable or file value means "not set".
+    return lambda value: None if value is None or value == "" else parser(value)
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": int,
     "float": float,
     "str": str,
     "Path": _parse_path,
+    "Path | None": _optional(_parse_path),
+    "str | None": _optional(str),
     "tuple[str, ...]": _parse_providers,
 }
 

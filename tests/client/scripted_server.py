@@ -1,11 +1,11 @@
-"""Servers for what the real one only does under load or failure, and the real one under TLS.
+"""Servers for what the real one only does under load or failure, or cannot show a test.
 
 ``scripted_server`` answers ``Predict`` with a scripted list of failure statuses and
 then successes, counting attempts and recording metadata: how the client's error
 translation and gRPC retry policy are checked for every status code.
 ``inference_server`` serves a running app's real models through a second gRPC
-server that can have TLS credentials and interceptors, which the app's own server
-does not offer.
+server that takes test interceptors (``MetadataRecorder``), which the app's own
+server does not; the app's server has its own TLS (``tls_settings``).
 """
 
 from __future__ import annotations

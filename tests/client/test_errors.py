@@ -18,6 +18,7 @@ from visionrpc.client import (
     ModelNotFoundError,
     OverloadedError,
     ServerError,
+    UnauthenticatedError,
     UnavailableError,
     VisionRPCError,
 )
@@ -36,7 +37,7 @@ IMAGE = solid((255, 0, 0))
         (grpc.StatusCode.INTERNAL, ServerError),
         (grpc.StatusCode.UNKNOWN, ServerError),
         (grpc.StatusCode.PERMISSION_DENIED, ServerError),
-        (grpc.StatusCode.UNAUTHENTICATED, ServerError),
+        (grpc.StatusCode.UNAUTHENTICATED, UnauthenticatedError),
     ],
 )
 async def test_status_maps_to_its_error_class_in_both_clients(

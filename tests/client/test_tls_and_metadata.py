@@ -1,10 +1,13 @@
-"""TLS (server-authenticated and mutual) with generated certificates, and metadata on every call."""
+"""The client over the server's own TLS (server-authenticated and mutual) and bearer-token
+check, with generated certificates; and metadata on every call."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -12,13 +15,14 @@ import pytest
 from tests.client.conftest import solid
 from tests.client.scripted_server import MetadataRecorder, inference_server
 from tests.helpers.onnx_models import write_channel_mean_classifier
-from tests.helpers.server import RunningServer, running_server
+from tests.helpers.server import RunningServer, running_server, tls_settings
 from tests.helpers.tls import Certificates, make_certificates
 from visionrpc.client import (
     AsyncClient,
     Classification,
     Client,
     TLSConfig,
+    UnauthenticatedError,
     UnavailableError,
 )
 
@@ -31,25 +35,30 @@ def pki() -> Certificates:
 
 
 @pytest.fixture
-async def app(tmp_path: Path) -> AsyncIterator[RunningServer]:
-    write_channel_mean_classifier(tmp_path)
-    async with running_server(tmp_path) as running:
+def repository(tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    return root
+
+
+@pytest.fixture
+async def app(repository: Path) -> AsyncIterator[RunningServer]:
+    async with running_server(repository) as running:
         yield running
 
 
-def server_credentials(
-    pki: Certificates, *, require_client_certificate: bool
-) -> grpc.ServerCredentials:
-    return grpc.ssl_server_credentials(
-        [(pki.server.private_key, pki.server.certificate)],
-        root_certificates=pki.ca.certificate if require_client_certificate else None,
-        require_client_auth=require_client_certificate,
-    )
+@contextlib.asynccontextmanager
+async def tls_server(
+    repository: Path, pki: Certificates, *, mutual: bool, **settings: Any
+) -> AsyncIterator[int]:
+    """A real server whose port speaks TLS with the test CA's certificate; yields the port."""
+    tls = tls_settings(repository.parent, pki, mutual=mutual)
+    async with running_server(repository, **tls, **settings) as server:
+        yield int(server.address.rsplit(":", 1)[1])
 
 
-async def test_tls_with_the_test_ca(app: RunningServer, pki: Certificates) -> None:
-    credentials = server_credentials(pki, require_client_certificate=False)
-    async with inference_server(app, credentials=credentials) as port:
+async def test_tls_with_the_test_ca(repository: Path, pki: Certificates) -> None:
+    async with tls_server(repository, pki, mutual=False) as port:
         tls = TLSConfig(root_certificates=pki.ca.certificate)
         async with AsyncClient(f"localhost:{port}", tls=tls, retries=None) as client:
             result = await client.predict("colors", IMAGE)
@@ -61,10 +70,9 @@ async def test_tls_with_the_test_ca(app: RunningServer, pki: Certificates) -> No
 
 
 async def test_server_name_override_checks_the_certificate_name(
-    app: RunningServer, pki: Certificates
+    repository: Path, pki: Certificates
 ) -> None:
-    credentials = server_credentials(pki, require_client_certificate=False)
-    async with inference_server(app, credentials=credentials) as port:
+    async with tls_server(repository, pki, mutual=False) as port:
         right = TLSConfig(root_certificates=pki.ca.certificate, server_name="localhost")
         async with AsyncClient(f"127.0.0.1:{port}", tls=right, retries=None) as client:
             assert isinstance(await client.predict("colors", IMAGE), Classification)
@@ -75,11 +83,10 @@ async def test_server_name_override_checks_the_certificate_name(
 
 
 async def test_an_untrusted_server_certificate_is_unavailable(
-    app: RunningServer, pki: Certificates
+    repository: Path, pki: Certificates
 ) -> None:
     other_ca = make_certificates().ca.certificate
-    credentials = server_credentials(pki, require_client_certificate=False)
-    async with inference_server(app, credentials=credentials) as port:
+    async with tls_server(repository, pki, mutual=False) as port:
         tls = TLSConfig(root_certificates=other_ca)
         async with AsyncClient(f"localhost:{port}", tls=tls, retries=None) as client:
             with pytest.raises(UnavailableError):
@@ -87,22 +94,18 @@ async def test_an_untrusted_server_certificate_is_unavailable(
 
 
 async def test_a_plaintext_client_cannot_talk_to_a_tls_server(
-    app: RunningServer, pki: Certificates
+    repository: Path, pki: Certificates
 ) -> None:
-    credentials = server_credentials(pki, require_client_certificate=False)
     async with (
-        inference_server(app, credentials=credentials) as port,
+        tls_server(repository, pki, mutual=False) as port,
         AsyncClient(f"localhost:{port}", retries=None) as client,
     ):
         with pytest.raises(UnavailableError):
             await client.predict("colors", IMAGE, timeout=5)
 
 
-async def test_mutual_tls_needs_the_client_certificate(
-    app: RunningServer, pki: Certificates
-) -> None:
-    credentials = server_credentials(pki, require_client_certificate=True)
-    async with inference_server(app, credentials=credentials) as port:
+async def test_mutual_tls_needs_the_client_certificate(repository: Path, pki: Certificates) -> None:
+    async with tls_server(repository, pki, mutual=True) as port:
         mutual = TLSConfig(
             root_certificates=pki.ca.certificate,
             certificate_chain=pki.client.certificate,
@@ -114,6 +117,22 @@ async def test_mutual_tls_needs_the_client_certificate(
         async with AsyncClient(f"localhost:{port}", tls=server_only, retries=None) as client:
             with pytest.raises(UnavailableError):
                 await client.predict("colors", IMAGE, timeout=5)
+
+
+async def test_the_token_in_client_metadata_passes_the_servers_check(
+    repository: Path, pki: Certificates
+) -> None:
+    async with tls_server(repository, pki, mutual=False, auth_token="secret-token") as port:
+        tls = TLSConfig(root_certificates=pki.ca.certificate)
+        token = (("authorization", "Bearer secret-token"),)
+        async with AsyncClient(f"localhost:{port}", tls=tls, metadata=token) as client:
+            assert isinstance(await client.predict("colors", IMAGE), Classification)
+            assert len(await client.predict_many("colors", [IMAGE] * 3, batch_size=2)) == 3
+            assert [model.name for model in await client.models()] == ["colors"]
+        async with AsyncClient(f"localhost:{port}", tls=tls, retries=None) as client:
+            with pytest.raises(UnauthenticatedError) as refused:
+                await client.predict("colors", IMAGE)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_client_and_call_metadata_reach_every_method(app: RunningServer) -> None:

@@ -9,13 +9,17 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from visionrpc.server.app import RunningApp, start_app
+from visionrpc.server.metrics import ServerMetrics
 from visionrpc.server.repository import ModelRepository
 from visionrpc.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from tests.helpers.tls import Certificates
 
 # Quiet, small and quick on a shared 2-core machine; any of these can be overridden.
 TEST_DEFAULTS: dict[str, Any] = {
@@ -41,6 +45,11 @@ class RunningServer:
     def repository(self) -> ModelRepository:
         return self.app.repository
 
+    @property
+    def metrics(self) -> ServerMetrics:
+        """The server's own metrics; its ``registry`` reads them without the HTTP endpoint."""
+        return self.app.metrics
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -54,6 +63,24 @@ def settings_for_tests(repository: Path, metrics: bool = False, **overrides: Any
         values["metrics_port"] = free_port()
     values.update(overrides)
     return ServerSettings(**values)
+
+
+def tls_settings(directory: Path, certificates: Certificates, *, mutual: bool) -> dict[str, Any]:
+    """ServerSettings overrides for TLS with ``certificates``, written as PEM files.
+
+    ``mutual`` also requires clients to present a certificate signed by the test CA.
+    """
+    contents = {
+        "tls_cert": certificates.server.certificate,
+        "tls_key": certificates.server.private_key,
+    }
+    if mutual:
+        contents["tls_client_ca"] = certificates.ca.certificate
+    paths = {}
+    for name, content in contents.items():
+        paths[name] = directory / f"{name}.pem"
+        paths[name].write_bytes(content)
+    return paths
 
 
 @contextlib.asynccontextmanager

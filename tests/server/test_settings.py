@@ -61,14 +61,23 @@ def test_every_setting_has_a_flag() -> None:
         **SAMPLE_VALUES,
         "repository": Path("/m"),
         "providers": ("CPUExecutionProvider", "X"),
+        "tls_cert": Path("/tls/cert.pem"),
+        "tls_key": Path("/tls/key.pem"),
+        "tls_client_ca": Path("/tls/ca.pem"),
+        "auth_token_file": Path("/run/token"),
     }
-    assert set(SAMPLE_VALUES) == set(field_names())
+    # The bearer token alone has no flag: it would show in `ps`.
+    assert set(SAMPLE_VALUES) == set(field_names()) - {"auth_token"}
 
 
 SAMPLE_VALUES: dict[str, object] = {
     "repository": "/m",
     "host": "::",
     "port": 1,
+    "tls_cert": "/tls/cert.pem",
+    "tls_key": "/tls/key.pem",
+    "tls_client_ca": "/tls/ca.pem",
+    "auth_token_file": "/run/token",
     "metrics_port": 0,
     "max_message_bytes": 1000,
     "max_batch_size": 2,
