@@ -191,11 +191,13 @@ def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> in
 
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
-    app = await start_app(settings)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Installed before loading, so a SIGTERM that arrives while models load still ends in a
+    # graceful stop (once loading returns) rather than the default handler's abrupt exit.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    app = await start_app(settings)
     await stop_requested.wait()
     logger.info("shutting down: in-flight calls get up to %.1f s", settings.shutdown_grace_seconds)
     await app.stop(settings.shutdown_grace_seconds)
