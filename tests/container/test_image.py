@@ -1,13 +1,16 @@
 """The CPU serving image, built from the Dockerfile and run the way a deployment runs it.
 
-One container serves a repository of three models (the demo's names and tasks: ``pets``
-classification, ``voc`` multi-label, ``biwi`` points) from a read-only mount with a read-only
-root file system; the tests talk to it through the Python client, scrape its metrics, watch
-the image's own HEALTHCHECK, and finally stop it with SIGTERM.
+One container serves a repository of three analytic models (the demo's names and tasks:
+``pets`` classification, ``voc`` multi-label, ``biwi`` points, with answers known exactly)
+from a read-only mount with a read-only root file system; the tests talk to it through the
+Python client, scrape its metrics, watch the image's own HEALTHCHECK, and finally stop it
+with SIGTERM. Another container serves models trained by the demo's own code path, and must
+answer exactly as the in-process server does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -21,12 +24,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.helpers.demo import QUICK_RUNS
 from tests.helpers.images import dot
 from tests.helpers.onnx_models import (
     write_centroid_points,
     write_channel_mean_classifier,
     write_channel_mean_multilabel,
 )
+from tests.helpers.server import server_in_thread
 from visionrpc.client import (
     Classification,
     Client,
@@ -35,6 +40,8 @@ from visionrpc.client import (
     Points,
     VisionRPCError,
 )
+from visionrpc.training.datasets import read_dataset
+from visionrpc.training.demo import build_demo
 
 from .engine import DockerEngine
 
@@ -68,9 +75,6 @@ def write_demo_repository(repository: Path) -> None:
     write_channel_mean_classifier(repository, name="pets", size=16, labels=PET_BREEDS)
     write_channel_mean_multilabel(repository, name="voc", size=16, labels=VOC_CLASSES)
     write_centroid_points(repository, name="biwi", size=32, labels=("head_centre",))
-    # The server runs as uid 10001: the mounted repository must be readable by others.
-    for path in [repository, *repository.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def write_images(folder: Path) -> None:
@@ -97,16 +101,16 @@ def container_logs(engine: DockerEngine, name: str) -> str:
     return engine.logs(name)[-6000:]
 
 
-@pytest.fixture(scope="module")
-def served(docker_engine: DockerEngine, cpu_image: str) -> Iterator[ServedContainer]:
-    scratch = Path(tempfile.mkdtemp(prefix="vrpc-container-"))
-    repository = scratch / "models"
-    repository.mkdir()
-    write_demo_repository(repository)
-    write_images(scratch)
+@contextlib.contextmanager
+def running_container(
+    engine: DockerEngine, image: str, repository: Path, name: str
+) -> Iterator[tuple[str, str]]:
+    """Serve ``repository`` from ``image``; yields the gRPC address and the metrics URL."""
+    # The server runs as uid 10001: the mounted repository must be readable by others.
+    for path in [repository, *repository.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     port, metrics_port = free_port(), free_port()
-    name = "visionrpc-under-test"
-    docker_engine.docker(
+    engine.docker(
         "run", "--detach", "--name", name,
         # The engine has no bridge; loopback on the host keeps the test off the network.
         "--network", "host",
@@ -118,20 +122,65 @@ def served(docker_engine: DockerEngine, cpu_image: str) -> Iterator[ServedContai
         "--env", f"VISIONRPC_SHUTDOWN_GRACE_SECONDS={SERVER_GRACE_SECONDS}",
         # The image's own HEALTHCHECK command, run more often than its default.
         "--health-interval", "1s",
-        cpu_image,
+        image,
         "--log-format", "json",
     )  # fmt: skip
     try:
-        wait_until_serving(docker_engine, name, f"127.0.0.1:{port}")
-        yield ServedContainer(
-            name=name,
-            grpc_address=f"127.0.0.1:{port}",
-            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-            images=scratch,
-        )
+        wait_until_serving(engine, name, f"127.0.0.1:{port}")
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
     finally:
-        docker_engine.docker("rm", "--force", "--volumes", name)
+        engine.docker("rm", "--force", "--volumes", name)
+
+
+@pytest.fixture(scope="module")
+def served(docker_engine: DockerEngine, cpu_image: str) -> Iterator[ServedContainer]:
+    scratch = Path(tempfile.mkdtemp(prefix="vrpc-container-"))
+    repository = scratch / "models"
+    repository.mkdir()
+    write_demo_repository(repository)
+    write_images(scratch)
+    name = "visionrpc-under-test"
+    try:
+        with running_container(docker_engine, cpu_image, repository, name) as (address, url):
+            yield ServedContainer(name=name, grpc_address=address, metrics_url=url, images=scratch)
+    finally:
         shutil.rmtree(scratch)
+
+
+def test_container_answers_the_trained_demo_models_as_the_local_server_does(
+    docker_engine: DockerEngine, cpu_image: str, tmp_path: Path
+) -> None:
+    # Models from the demo's own code path (tiny sizes), served in the image and in-process:
+    # the same files must get the same answers, so the image's dependencies change nothing.
+    repository = tmp_path / "demo-models"
+    build_demo(repository, cache=tmp_path / "data", quiet=True, runs=QUICK_RUNS)
+    files = {
+        kind: read_dataset(kind, tmp_path / "data" / kind).valid[0].path for kind in QUICK_RUNS
+    }
+    container = running_container(docker_engine, cpu_image, repository, "visionrpc-demo")
+    with container as (address, _), Client(address, timeout=30) as client:
+        in_container = {
+            kind: client.predict(kind, path, all_scores=True) for kind, path in files.items()
+        }
+    with server_in_thread(repository) as local, Client(local.address, timeout=30) as client:
+        in_process = {
+            kind: client.predict(kind, path, all_scores=True) for kind, path in files.items()
+        }
+    assert isinstance(in_container["pets"], Classification)
+    assert isinstance(in_container["voc"], MultiLabel)
+    assert isinstance(in_container["biwi"], Points)
+    for kind in QUICK_RUNS:
+        assert numbers(in_container[kind]) == pytest.approx(numbers(in_process[kind]), abs=1e-5)
+
+
+def numbers(prediction: object) -> list[float]:
+    """Every score or coordinate of a prediction, in a fixed order."""
+    if isinstance(prediction, Classification):
+        return [entry.score for entry in prediction.top]
+    if isinstance(prediction, MultiLabel):
+        return [entry.score for entry in prediction.all_scores]
+    assert isinstance(prediction, Points)
+    return [value for point in prediction.points for value in (point.x, point.y)]
 
 
 def test_serving_image_runs_as_non_root_with_onnxruntime_and_without_torch(

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.helpers.demo import QUICK_RUNS
 from visionrpc.server.batching import BatchSettings
 from visionrpc.server.model_config import load_model_config
 from visionrpc.server.repository import load_repository
 from visionrpc.server.runtime import RuntimeOptions
-from visionrpc.training.demo import DEMO_RUNS, DemoRun, build_demo
-
-# The demo's recipe at a fraction of its cost: the same code path, smaller data and inputs.
-QUICK_RUNS = {
-    "pets": DemoRun(size=(32, 32), epochs=1, data={"breeds": 3, "per_breed": 6}),
-    "voc": DemoRun(size=(32, 32), epochs=1, data={"images": 24}),
-    "biwi": DemoRun(size=(24, 32), epochs=1, data={"people": 2, "frames_per_person": 6}),
-}
+from visionrpc.training.demo import DEMO_RUNS, build_demo
 
 
 def test_demo_covers_the_three_tasks_with_tiny_random_init_models() -> None:
