@@ -58,6 +58,10 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
+        if record.args:
+            # A message formatted from arguments already reads as a sentence with those
+            # values; its extra fields are there for JSON and would only repeat them here.
+            return line
         pairs = " ".join(f"{key}={value}" for key, value in _extra_fields(record).items())
         return f"{line} {pairs}" if pairs else line
 

@@ -7,6 +7,8 @@ a ``ModelLoadError`` that says what differs, so a mismatched export never serves
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,10 +42,22 @@ class _ProviderProbe:
     cuda_failed = False
 
 
+@functools.cache
+def cuda_driver_present() -> bool:
+    """Whether the NVIDIA driver library loads: onnxruntime-gpu lists CUDA even without one."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
 def choose_providers(requested: Sequence[str]) -> list[str]:
     available = ort.get_available_providers()
     if tuple(requested) == ("auto",):
-        preferred = [CPU] if _ProviderProbe.cuda_failed else [CUDA, CPU]
+        # Without a driver, asking onnxruntime for CUDA only prints a loud failure first.
+        try_cuda = cuda_driver_present() and not _ProviderProbe.cuda_failed
+        preferred = [CUDA, CPU] if try_cuda else [CPU]
         return [name for name in preferred if name in available]
     missing = [name for name in requested if name not in available]
     if missing:
