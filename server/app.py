@@ -7,8 +7,9 @@ interceptor and message-size limits, the port (TLS when configured), start, the
 Prometheus endpoint; then load the models (sessions and warm-up) and turn health
 SERVING. Listening first lets orchestrators see a live process that is not ready yet
 (instead of a refused connection) while models load, and scrape it meanwhile.
-On a signal: health turns NOT_SERVING, new calls are refused, in-flight calls get
-``shutdown_grace_seconds`` to finish, then the batchers close.
+On a signal: health turns NOT_SERVING and health watches end once told so, new calls
+are refused, in-flight calls get ``shutdown_grace_seconds`` to finish, then the batchers
+close.
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-# The asyncio servicer that grpc_health.v1.health exposes as `aio`, which its stubs omit.
-from grpc_health.v1._async import HealthServicer as AsyncHealthServicer
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
+from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
@@ -43,8 +42,8 @@ from .settings import ServerSettings, TLSFiles
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
+PREDICT_METHODS = ("Predict", "PredictStream")
 
 
 @dataclass
@@ -54,7 +53,7 @@ class RunningApp:
     port: int
     metrics_port: int
     repository: ModelRepository
-    health: AsyncHealthServicer
+    health: HealthServicer
     metrics: ServerMetrics
     _decode_executor: ThreadPoolExecutor
     _metrics_server: Any
@@ -89,7 +88,9 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
     )
     interceptors = (
-        [] if auth_token is None else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE)]
+        []
+        if auth_token is None
+        else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)]
     )
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -99,7 +100,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ],
     )
     pb_grpc.add_InferenceServicer_to_server(servicer, server)
-    health_servicer = AsyncHealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", INFERENCE_SERVICE, *_model_folders(settings.repository)]:
         await health_servicer.set(name, NOT_SERVING)
@@ -161,9 +162,7 @@ def _model_folders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-async def _announce_models(
-    health_servicer: AsyncHealthServicer, repository: ModelRepository
-) -> None:
+async def _announce_models(health_servicer: HealthServicer, repository: ModelRepository) -> None:
     """Loaded models turn SERVING, and the server as a whole when at least one loaded.
 
     A model that failed to load answers NOT_SERVING rather than "unknown service".

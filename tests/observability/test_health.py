@@ -209,3 +209,42 @@ def test_sigterm_turns_health_not_serving_while_the_call_in_flight_completes(
     assert [(e["request_id"], e["status"], e["model"], e["images"]) for e in access] == [
         ("drain-1", "OK", "colors", 1)
     ]
+
+
+def test_sigterm_ends_open_health_watches_instead_of_waiting_out_the_grace_period(
+    tmp_path: Path, processes: list[ServeProcess]
+) -> None:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root, "colors")
+    grace_seconds = 20.0
+    serve = ServeProcess(root, "--shutdown-grace-seconds", str(grace_seconds))
+    processes.append(serve)
+    heard: dict[str, list[int]] = {"": [], "colors": []}
+    endings: dict[str, grpc.StatusCode] = {}
+    with grpc.insecure_channel(serve.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        first_health_answer(health, "")
+        wait_for_status(health, "", SERVING)
+
+        def listen(service: str) -> None:
+            try:
+                for answer in health.Watch(health_pb2.HealthCheckRequest(service=service)):
+                    heard[service].append(int(answer.status))
+            except grpc.RpcError as exc:
+                endings[service] = exc.code()
+
+        listeners = [threading.Thread(target=listen, args=(service,)) for service in heard]
+        for listener in listeners:
+            listener.start()
+        deadline = time.monotonic() + 30
+        while not all(heard.values()):
+            assert time.monotonic() < deadline, "the watches never sent their first status"
+            time.sleep(0.02)
+        serve.process.send_signal(signal.SIGTERM)
+        # A bound on behaviour, far below the grace period, not a measure of speed.
+        output, _ = serve.process.communicate(timeout=grace_seconds * 0.4)
+        for listener in listeners:
+            listener.join(timeout=30)
+    assert serve.process.returncode == 0, output
+    assert heard == {"": [SERVING, NOT_SERVING], "colors": [SERVING, NOT_SERVING]}
+    assert endings == {"": grpc.StatusCode.UNAVAILABLE, "colors": grpc.StatusCode.UNAVAILABLE}

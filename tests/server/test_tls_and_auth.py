@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.server import running_server, tls_settings
@@ -22,6 +26,7 @@ from visionrpc.cli import build_parser
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server import cli as server_cli
+from visionrpc.server.logging_setup import ACCESS_LOGGER
 from visionrpc.server.settings import ServerSettings, SettingsError, load_settings
 
 TOKEN = "s3cret-token_42"
@@ -230,6 +235,64 @@ async def test_inference_calls_with_the_token_are_answered(
     answers = [answer async for answer in stream]
     assert [answer.request_id for answer in answers] == ["a"]
     assert answers[0].results[0].classification.top[0].label == "red"
+
+
+def scrape(metrics_port: int) -> str:
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def trailing_request_ids(error: grpc.aio.AioRpcError) -> list[str]:
+    # The stubs type metadata as items that are not pairs; at run time they are.
+    metadata: Any = error.trailing_metadata() or ()
+    return [value for key, value in metadata if key == "x-request-id"]
+
+
+async def test_refused_predictions_are_counted_and_access_logged_without_their_content(
+    repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
+    # A name the caller chose: it must not become a label value, as no token came with it.
+    scanned = "scan-target-0001"
+    async with (
+        running_server(repository, metrics=True, auth_token=TOKEN) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unary:
+            await stub.Predict(
+                encoded_request(scanned, RED), metadata=(("x-request-id", "refused-1"),), timeout=10
+            )
+        assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert trailing_request_ids(unary.value) == ["refused-1"]
+        stream = stub.PredictStream(iter([encoded_request(scanned, RED)]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            [answer async for answer in stream]
+        assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Not a prediction: refused like the others, but neither counted nor access-logged.
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        exposition = await asyncio.to_thread(scrape, server.metrics_port)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+    refused = (("code", "UNAUTHENTICATED"), ("model", "_unknown"), ("version", ""))
+    assert samples["visionrpc_requests_total", refused] == 2.0
+    unknown = (("model", "_unknown"), ("version", ""))
+    assert samples["visionrpc_request_duration_seconds_count", unknown] == 2.0
+    served = (("code", "OK"), ("model", "colors"), ("version", "1"))
+    assert samples["visionrpc_requests_total", served] == 0.0
+    assert scanned not in exposition
+    access = [record.__dict__ for record in caplog.records if record.name == ACCESS_LOGGER]
+    fields = [(line["model"], line["version"], line["images"], line["status"]) for line in access]
+    assert fields == [("", "", 0, "UNAUTHENTICATED")] * 2
+    assert access[0]["request_id"] == "refused-1"
+    generated = access[1]["request_id"]
+    assert isinstance(generated, str) and re.fullmatch(r"[0-9a-f]{32}", generated)
+    assert trailing_request_ids(streamed.value) == [generated]
 
 
 async def test_health_and_reflection_stay_open_without_the_token(
