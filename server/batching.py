@@ -279,9 +279,10 @@ class Batcher:
             started = time.monotonic()
             for item in live:
                 self._observer.queue_waited(started - item.enqueued_at)
-            inputs = merge_rows(live)
             loop = asyncio.get_running_loop()
             try:
+                # Inside the try: rows that cannot stack must fail their callers, not strand them.
+                inputs = merge_rows(live)
                 outputs, seconds = await loop.run_in_executor(
                     self._executor, self._timed_run, inputs
                 )

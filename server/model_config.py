@@ -181,7 +181,7 @@ def model_versions(model_dir: Path) -> list[int]:
     return sorted(
         int(child.name)
         for child in model_dir.iterdir()
-        if child.is_dir() and child.name.isdigit() and int(child.name) > 0
+        if child.is_dir() and child.name.isascii() and child.name.isdigit() and int(child.name) > 0
     )
 
 

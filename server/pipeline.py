@@ -116,11 +116,20 @@ class Pipeline:
         rows = [row for views in good for row, _ in views]
         outputs = iter(await _run_rows(model, rows, deadline))
         results: list[ImageResult | VisionRPCError] = []
-        for views in prepared:
+        for index, views in enumerate(prepared):
             if isinstance(views, VisionRPCError):
                 results.append(views)
                 continue
             image_outputs = np.stack([next(outputs) for _ in views])
+            if not np.isfinite(image_outputs).all():
+                # NaN would pass every threshold test silently; the model is at fault.
+                results.append(
+                    VisionRPCError(
+                        f"image {index}: model {model.name} returned outputs that are "
+                        "not finite (NaN or inf)"
+                    )
+                )
+                continue
             geometries = [geometry for _, geometry in views]
             results.append(finish(model.config, resolved, image_outputs, geometries))
         if self._observer is not None:

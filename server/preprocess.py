@@ -12,6 +12,7 @@ original image (after EXIF orientation), a flip and a zoom crop included.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,11 @@ _ZOOM_ANCHORS = {
     "br": (1.0, 1.0),
 }
 
+
+# The letterbox of a "pad" model is drawn at the image's own resolution, so its size grows
+# with the aspect ratio: a 40000x400 image (a few KB of PNG) would need 1.6 G pixels. Past
+# this many the image is shrunk first; the model sees a few hundred pixels a side anyway.
+MAX_PAD_CANVAS_PIXELS = 64_000_000
 
 # The encoded formats the API accepts ("JPEG" opens cameras' multi-picture MPO files too).
 # Naming them keeps Pillow's other decoders (EPS through Ghostscript, ...) out of reach.
@@ -179,7 +185,12 @@ def prepare(
 
     Returns a C-contiguous uint8 HWC array and the geometry of this view.
     """
-    source, pad_x, pad_y = _padded(image, spec) if spec.resize_method == "pad" else (image, 0, 0)
+    source, pad_x, pad_y = image, 0, 0
+    # Original pixels per pixel of ``source``: above 1 only for a shrunk letterbox.
+    shrink_x = shrink_y = 1.0
+    if spec.resize_method == "pad":
+        source, shrink_x, shrink_y = _fit_for_padding(image, spec)
+        source, pad_x, pad_y = _padded(source, spec)
     left, top, box_w, box_h = _base_box(source.width, source.height, spec)
     if view.zoom != 1.0:
         zoomed_w, zoomed_h = box_w / view.zoom, box_h / view.zoom
@@ -192,8 +203,8 @@ def prepare(
         box=(left, top, left + box_w, top + box_h),
     )
     array = np.asarray(resized, dtype=np.uint8)
-    scale_x, scale_y = box_w / spec.width, box_h / spec.height
-    offset_x, offset_y = left - pad_x, top - pad_y
+    scale_x, scale_y = box_w / spec.width * shrink_x, box_h / spec.height * shrink_y
+    offset_x, offset_y = (left - pad_x) * shrink_x, (top - pad_y) * shrink_y
     if view.flip:
         array = array[:, ::-1]
         # x_in of the flipped input is width - x of the unflipped one.
@@ -238,13 +249,32 @@ def _base_box(width: int, height: int, spec: InputSpec) -> tuple[float, float, f
     return (width - box_w) / 2.0, (height - box_h) / 2.0, box_w, box_h
 
 
-def _padded(image: Image.Image, spec: InputSpec) -> tuple[Image.Image, int, int]:
-    """Letterbox with black to the input's aspect ratio, at the original's resolution."""
+def _canvas_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """The letterbox around a ``width`` x ``height`` image at the input's aspect ratio."""
     target_aspect = spec.width / spec.height
-    if image.width / image.height > target_aspect:
-        canvas_w, canvas_h = image.width, round(image.width / target_aspect)
-    else:
-        canvas_w, canvas_h = round(image.height * target_aspect), image.height
+    if width / height > target_aspect:
+        return width, round(width / target_aspect)
+    return round(height * target_aspect), height
+
+
+def _fit_for_padding(image: Image.Image, spec: InputSpec) -> tuple[Image.Image, float, float]:
+    """The image, shrunk first where its letterbox would exceed MAX_PAD_CANVAS_PIXELS.
+
+    Returns it with the original pixels per pixel of the result along x and y.
+    """
+    canvas_w, canvas_h = _canvas_size(image.width, image.height, spec)
+    if canvas_w * canvas_h <= MAX_PAD_CANVAS_PIXELS:
+        return image, 1.0, 1.0
+    factor = math.sqrt(canvas_w * canvas_h / MAX_PAD_CANVAS_PIXELS)
+    width = max(1, math.floor(image.width / factor))
+    height = max(1, math.floor(image.height / factor))
+    shrunk = image.resize((width, height), resample=Image.Resampling.BILINEAR)
+    return shrunk, image.width / width, image.height / height
+
+
+def _padded(image: Image.Image, spec: InputSpec) -> tuple[Image.Image, int, int]:
+    """Letterbox with black to the input's aspect ratio, at the image's resolution."""
+    canvas_w, canvas_h = _canvas_size(image.width, image.height, spec)
     pad_x, pad_y = (canvas_w - image.width) // 2, (canvas_h - image.height) // 2
     if (canvas_w, canvas_h) == image.size:
         return image, 0, 0

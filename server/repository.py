@@ -112,7 +112,9 @@ class ModelRepository:
         versions = self._models[name]
         if version is None or version == "":
             return versions[max(versions)]
-        number = int(version) if str(version).isdigit() else None
+        # isdigit() alone admits "²" and "①", which int() refuses.
+        text = str(version)
+        number = int(text) if text.isascii() and text.isdigit() else None
         if number is None or number not in versions:
             listed = ", ".join(str(v) for v in sorted(versions))
             raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {listed}")

@@ -101,7 +101,12 @@ class ModelRuntime:
         started = time.perf_counter()
         spec = self.config.input
         for size in sorted(set(batch_sizes)):
-            outputs = self.run(np.zeros((size, spec.height, spec.width, 3), dtype=np.uint8))
+            try:
+                outputs = self.run(np.zeros((size, spec.height, spec.width, 3), dtype=np.uint8))
+            except Exception as exc:  # e.g. a batch size fixed inside a "dynamic" graph
+                raise ModelLoadError(
+                    f"{self.path}: fails on a batch of {size} zero images: {exc}"
+                ) from exc
             expected = (size, self.config.output_width)
             if outputs.shape != expected:
                 raise ModelLoadError(
