@@ -1,4 +1,4 @@
-"""Fixtures shared by every test area: a repository of analytic models."""
+"""Fixtures shared by every test area: a repository of analytic models, test certificates."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from tests.helpers.onnx_models import (
     write_channel_mean_classifier,
     write_channel_mean_multilabel,
 )
+from tests.helpers.tls import Certificates, make_certificates
 
 
 @pytest.fixture
@@ -21,3 +22,9 @@ def analytic_repository(tmp_path: Path) -> Path:
     write_channel_mean_multilabel(root)
     write_centroid_points(root)
     return root
+
+
+@pytest.fixture(scope="module")
+def pki() -> Certificates:
+    """A CA, a server certificate for 127.0.0.1 and localhost, and a client certificate."""
+    return make_certificates()

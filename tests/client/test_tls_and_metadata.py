@@ -29,11 +29,6 @@ from visionrpc.client import (
 IMAGE = solid((0, 255, 0))
 
 
-@pytest.fixture(scope="module")
-def pki() -> Certificates:
-    return make_certificates()
-
-
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
     root = tmp_path / "models"

@@ -133,7 +133,7 @@ def channel_mean_graph(temperature: float, size: int, *, softmax: bool) -> onnx.
         numpy_helper.from_array(_SPATIAL_AXES, "spatial_axes"),
         numpy_helper.from_array(np.array(temperature / 255.0, dtype=np.float32), "scale"),
     ]
-    return _model(nodes, initializers, size, output_width=3)
+    return analytic_model(nodes, initializers, size, size, output_width=3)
 
 
 # --- points: the brightness-weighted centroid --------------------------------------------
@@ -194,23 +194,25 @@ def centroid_graph(size: int) -> onnx.ModelProto:
         numpy_helper.from_array(coords, "coords"),
         numpy_helper.from_array(np.array(_CENTROID_EPSILON, dtype=np.float32), "epsilon"),
     ]
-    return _model(nodes, initializers, size, output_width=2)
+    return analytic_model(nodes, initializers, size, size, output_width=2)
 
 
 # --- shared -------------------------------------------------------------------------------
 
 
-def _model(
+def analytic_model(
     nodes: list[onnx.NodeProto],
     initializers: list[onnx.TensorProto],
-    size: int,
+    height: int,
+    width: int,
     *,
     output_width: int,
 ) -> onnx.ModelProto:
+    """Wrap nodes into a checked model: uint8 ``image[batch, H, W, 3]`` to float ``scores``."""
     graph = helper.make_graph(
         nodes,
         "analytic",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height, width, 3])],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", output_width])],
         initializer=initializers,
     )

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.helpers.onnx_models import write_model
+from tests.helpers.onnx_models import analytic_model, write_model
 from visionrpc.server.model_config import ModelConfig, model_config_from_dict
 
 OPSET = 18
@@ -63,7 +63,7 @@ def write_sides_model(
         numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"),
     ]
     config = _config(name, task, ["left", "right"], size, config_fields)
-    write_model(repository, config, _model(nodes, initializers, size, size, 2))
+    write_model(repository, config, analytic_model(nodes, initializers, size, size, output_width=2))
     return model_config_from_dict(config)
 
 
@@ -104,7 +104,11 @@ def write_fixed_point_model(
     ]
     config = _config(name, "points", ["head"], input_height, config_fields)
     config["input"] = {"height": input_height, "width": input_width, "resize_method": resize_method}
-    write_model(repository, config, _model(nodes, initializers, input_height, input_width, 2))
+    write_model(
+        repository,
+        config,
+        analytic_model(nodes, initializers, input_height, input_width, output_width=2),
+    )
     return model_config_from_dict(config)
 
 
@@ -123,23 +127,3 @@ def _config(
 
 def _ints(name: str, values: list[int]) -> onnx.TensorProto:
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
-
-
-def _model(
-    nodes: list[onnx.NodeProto],
-    initializers: list[onnx.TensorProto],
-    height: int,
-    width: int,
-    output_width: int,
-) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes,
-        "asymmetric",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", height, width, 3])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", output_width])],
-        initializer=initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    return model

@@ -33,11 +33,6 @@ TOKEN = "s3cret-token_42"
 RED = png(solid(250, 10, 10))
 
 
-@pytest.fixture(scope="module")
-def pki() -> Certificates:
-    return make_certificates()
-
-
 @pytest.fixture
 def repository(tmp_path: Path) -> Path:
     root = tmp_path / "models"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ from visionrpc.training.models import (
     model_from_checkpoint,
     resolve_weights,
 )
-
-
-@pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
 
 
 @pytest.mark.parametrize("arch", ["tiny", "resnet18", "mobilenet_v3_small"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,6 @@ from visionrpc.training.synthetic import make_dataset
 from visionrpc.training.tasks import get_task
 
 TINY = ["--arch", "tiny", "--weights", "none", "--bs", "16", "--quiet"]
-
-
-@pytest.fixture
-def hub_dir(tmp_path: Path) -> Iterator[Path]:
-    previous = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    yield tmp_path / "hub"
-    torch.hub.set_dir(previous)
 
 
 def read_config(repository: Path, name: str) -> ModelConfig:
