@@ -31,13 +31,14 @@ from visionrpc.server.model_config import (
     write_repository_entry,
 )
 from visionrpc.server.preprocess import Geometry, load_image, prepare
+from visionrpc.training.config import TrainConfig
 from visionrpc.training.datasets import Dataset, read_dataset
 from visionrpc.training.evaluate import evaluate_served, register
 from visionrpc.training.export import serving_model
 from visionrpc.training.models import ServingModel, model_from_checkpoint
 from visionrpc.training.synthetic import make_dataset
 from visionrpc.training.tasks import get_task
-from visionrpc.training.train import TrainConfig, train
+from visionrpc.training.train import train
 
 pytestmark = pytest.mark.slow
 
