@@ -33,6 +33,7 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
+from .cpus import plan_threads, usable_cpus
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
 from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
@@ -80,8 +81,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     auth_token = settings.read_auth_token()
     metrics = ServerMetrics()
     repository = ModelRepository({}, [], loading=True)
+    threads = plan_threads(
+        usable_cpus(),
+        intra_op_threads=settings.intra_op_threads,
+        preprocess_workers=settings.preprocess_workers,
+    )
     decode_executor = ThreadPoolExecutor(
-        max_workers=settings.preprocess_workers or None, thread_name_prefix="decode"
+        max_workers=threads.preprocess_workers, thread_name_prefix="decode"
     )
     pipeline = Pipeline(
         repository,
@@ -140,10 +146,18 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         _metrics_server=metrics_server,
     )
     logger.info("listening on %s (port %d), loading models", address, port)
+    logger.info(
+        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s), %d decode threads",
+        threads.cpus,
+        threads.intra_op_threads,
+        settings.intra_op_spinning,
+        threads.preprocess_workers,
+    )
     runtime_options = RuntimeOptions(
         providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.intra_op_spinning == "on",
     )
     try:
         loaded = await asyncio.to_thread(

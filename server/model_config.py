@@ -54,6 +54,8 @@ class BatchingConfig:
     max_queue_delay_ms: float | None = None
     max_queue_size: int | None = None
     instances: int | None = None
+    # True makes an idle instance wait max_queue_delay_ms for company too (see batching.py).
+    wait_when_idle: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,9 @@ def _batching(raw: Any) -> BatchingConfig:
     delay = raw.get("max_queue_delay_ms")
     if delay is not None and (not isinstance(delay, int | float) or delay < 0):
         raise ConfigError("batching.max_queue_delay_ms must be a number >= 0")
+    wait_when_idle = raw.get("wait_when_idle")
+    if wait_when_idle is not None and not isinstance(wait_when_idle, bool):
+        raise ConfigError("batching.wait_when_idle must be true or false")
 
     def optional_int(key: str) -> int | None:
         value = raw.get(key)
@@ -262,6 +267,7 @@ def _batching(raw: Any) -> BatchingConfig:
         max_queue_delay_ms=None if delay is None else float(delay),
         max_queue_size=optional_int("max_queue_size"),
         instances=optional_int("instances"),
+        wait_when_idle=wait_when_idle,
     )
 
 
