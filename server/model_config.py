@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .views import parse_view
+
 TASKS = ("classification", "multilabel", "points")
 RESIZE_METHODS = ("crop", "squish", "pad")
 CONFIG_NAMES = ("config.json", "config.yaml", "config.yml")
@@ -61,7 +63,7 @@ class TTAConfig:
     """Test-time augmentation: deterministic views blended as fastai's ``tta`` does."""
 
     enabled: bool = False
-    # Views besides the identity; see visionrpc.server.preprocess.parse_view.
+    # Views besides the identity; see visionrpc.server.views.parse_view.
     views: tuple[str, ...] = ("flip",)
     # Weight of the un-augmented prediction: lerp(mean(augmented), plain, beta).
     beta: float = 0.25
@@ -227,8 +229,6 @@ def _input_spec(raw: Any) -> InputSpec:
 
 
 def _tta(raw: Any) -> TTAConfig:
-    from .preprocess import parse_view  # local: preprocess imports this module's types
-
     if not isinstance(raw, Mapping):
         raise ConfigError("tta must be a mapping")
     views = tuple(str(v) for v in raw.get("views", TTAConfig.views))
