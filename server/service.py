@@ -35,6 +35,7 @@ from .postprocess import (
     MultiLabelResult,
     PredictionOptions,
 )
+from .preprocess import REPORTED_FORMATS, accepted_extensions
 from .repository import LoadedModel, ModelRepository
 
 logger = logging.getLogger(__name__)
@@ -358,4 +359,6 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         dataset=config.training.dataset,
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
+        accepted_formats=list(REPORTED_FORMATS),
+        accepted_extensions=list(accepted_extensions()),
     )
