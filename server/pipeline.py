@@ -22,7 +22,14 @@ import numpy as np
 from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
 from .model_config import InputSpec
 from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
-from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
+from .preprocess import (
+    Geometry,
+    ImageLimits,
+    View,
+    decode_for_model,
+    image_from_pixels,
+    prepare_views,
+)
 from .repository import LoadedModel, ModelRepository
 from .tasks import PredictionObserver, serving_task
 
@@ -169,9 +176,8 @@ def decode_and_prepare(
 ) -> _PreparedImage:
     """Blocking: bytes to one model-input row per view."""
     if isinstance(image, EncodedImage):
-        decoded = load_image(image.data, limits)
-    else:
-        decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
+        return prepare_views(decode_for_model(image.data, spec, views, limits), spec, views)
+    decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
     return prepare_views(decoded, spec, views)
 
 
