@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ("visionrpc/v1/inference.proto",)
+PROTO_FILES = ("visionrpc/v1/inference.proto", "visionrpc/v1/model_control.proto")
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 

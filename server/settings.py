@@ -23,6 +23,7 @@ from .batching import BatchSettings
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 
 
 class SettingsError(ValueError):
@@ -63,6 +64,17 @@ class ServerSettings:
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Model control (see visionrpc.server.model_manager): none reads the repository once,
+    # poll rescans it every poll_interval_seconds, explicit loads what the admin API asks
+    # for, starting with load_model ("*" for every model).
+    model_control: str = "none"
+    poll_interval_seconds: float = 5.0
+    load_model: tuple[str, ...] = ()
+    # The visionrpc.v1.ModelControlService admin API; off unless asked for. With auth on,
+    # it requires its own token, so an inference token cannot unload models.
+    model_control_api: bool = False
+    model_control_token: str | None = field(default=None, repr=False)
+    model_control_token_file: Path | None = None
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -89,6 +101,23 @@ class ServerSettings:
             raise SettingsError("set auth_token or auth_token_file, not both")
         if self.auth_token is not None:
             _check_token(self.auth_token, "auth_token")
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise SettingsError(f"model_control must be one of {', '.join(MODEL_CONTROL_MODES)}")
+        if not self.poll_interval_seconds > 0:
+            raise SettingsError("poll_interval_seconds must be positive")
+        if self.load_model and self.model_control != "explicit":
+            raise SettingsError("load_model needs model_control explicit (the others load all)")
+        if self.model_control_token is not None and self.model_control_token_file is not None:
+            raise SettingsError("set model_control_token or model_control_token_file, not both")
+        if self.model_control_token is not None:
+            _check_token(self.model_control_token, "model_control_token")
+        auth_on = self.auth_token is not None or self.auth_token_file is not None
+        control_token = self.model_control_token or self.model_control_token_file
+        if self.model_control_api and auth_on and control_token is None:
+            raise SettingsError(
+                "with auth on, model_control_api needs its own token: set "
+                "VISIONRPC_MODEL_CONTROL_TOKEN or model_control_token_file"
+            )
 
     @property
     def default_batching(self) -> BatchSettings:
@@ -118,6 +147,14 @@ class ServerSettings:
             return self.auth_token
         token = _read_file(self.auth_token_file, "auth_token_file").decode(errors="replace")
         return _check_token(token.strip(), f"auth_token_file {self.auth_token_file}")
+
+    def read_model_control_token(self) -> str | None:
+        """The bearer token the model-control API requires; None leaves it open."""
+        if self.model_control_token_file is None:
+            return self.model_control_token
+        path = self.model_control_token_file
+        token = _read_file(path, "model_control_token_file").decode(errors="replace")
+        return _check_token(token.strip(), f"model_control_token_file {path}")
 
 
 @dataclass(frozen=True)
@@ -167,6 +204,17 @@ def _parse_providers(value: Any) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in items if str(item).strip())
 
 
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _parse_path(value: Any) -> Path:
     return Path(value).expanduser()
 
@@ -180,6 +228,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": int,
     "float": float,
     "str": str,
+    "bool": _parse_bool,
     "Path": _parse_path,
     "Path | None": _optional(_parse_path),
     "str | None": _optional(str),
@@ -195,7 +244,8 @@ def parse_value(name: str, value: Any) -> Any:
     """Convert a flag, environment or file value to the field's type."""
     field = {f.name: f for f in fields(ServerSettings)}[name]
     parser = _PARSERS[str(field.type)]
-    if isinstance(value, bool) or (parser in (int, float) and isinstance(value, list | dict)):
+    wrong_type = isinstance(value, bool) and parser is not _parse_bool
+    if wrong_type or (parser in (int, float) and isinstance(value, list | dict)):
         raise SettingsError(f"{name}: {value!r} is not a number")
     try:
         return parser(value)
