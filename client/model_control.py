@@ -9,7 +9,7 @@
         for model in control.index():
             print(model.name, model.state, [(v.version, v.state) for v in model.versions])
 
-The server serves it only with ``--model-control-api true``; load, unload and reload also
+The server serves it only with ``--model-control-api on``; load, unload and reload also
 need ``--model-control explicit``. Failures raise the client's ``VisionRPCError`` tree.
 No retries: a load is not something to repeat behind the caller's back.
 """

@@ -1,4 +1,5 @@
-"""Generated protobuf and gRPC code for the visionrpc API (``visionrpc.v1``)."""
+"""Generated protobuf and gRPC code: visionrpc's API (``visionrpc.v1``) and, in
+``visionrpc.protos.inference``, the Open Inference Protocol (proto package ``inference``)."""
 
 from .visionrpc.v1 import (
     inference_pb2,

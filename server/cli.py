@@ -33,12 +33,14 @@ _SETTING_HELP = {
     "max_queue_delay_ms": "default wait for a batch to fill (default 2.0)",
     "max_queue_size": "default queued inputs per model before RESOURCE_EXHAUSTED (default 256)",
     "instances": "default concurrent runs per model (default 1)",
-    "intra_op_threads": "onnxruntime intra-op threads, 0 = its default",
+    "intra_op_threads": "onnxruntime intra-op threads, 0 = the CPUs this process may use "
+    "(affinity and cgroup quota)",
     "inter_op_threads": "onnxruntime inter-op threads, 0 = its default",
+    "intra_op_spinning": "off (default) or on: idle onnxruntime threads busy-wait for work",
     "providers": "auto (CUDA then CPU) or a comma-separated provider list",
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",
-    "preprocess_workers": "image decoding threads, 0 = one per CPU",
+    "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
     "shutdown_grace_seconds": "time in-flight calls get after SIGTERM (default 10)",
     "model_control": "none (read the repository once), poll (rescan it) or explicit "
@@ -46,8 +48,8 @@ _SETTING_HELP = {
     "poll_interval_seconds": "poll: seconds between repository rescans (default 5)",
     "load_model": "explicit: a model to load at start-up (repeatable, or comma-separated; "
     "* for all)",
-    "model_control_api": "true to serve visionrpc.v1.ModelControlService (load, unload, "
-    "reload, repository index); default false",
+    "model_control_api": "on to serve visionrpc.v1.ModelControlService (load, unload, "
+    "reload, repository index); default off",
     "model_control_token_file": "file holding the bearer token the model-control API requires "
     "(or VISIONRPC_MODEL_CONTROL_TOKEN); needed when auth is on",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",

@@ -21,16 +21,21 @@ from PIL import Image, ImageOps
 
 from .errors import InvalidInput
 from .model_config import InputSpec
+from .views import IDENTITY, View, parse_view
 
-# Corner anchors of the zoom views: where the smaller box sits inside the base box.
-_ZOOM_ANCHORS = {
-    "center": (0.5, 0.5),
-    "tl": (0.0, 0.0),
-    "tr": (1.0, 0.0),
-    "bl": (0.0, 1.0),
-    "br": (1.0, 1.0),
-}
-
+# Re-exported: the views were defined here before they moved to a module of their own.
+__all__ = [
+    "IDENTITY",
+    "Geometry",
+    "ImageLimits",
+    "View",
+    "image_from_pixels",
+    "load_image",
+    "parse_view",
+    "prepare",
+    "prepare_views",
+    "to_rgb",
+]
 
 # The letterbox of a "pad" model is drawn at the image's own resolution, so its size grows
 # with the aspect ratio: a 40000x400 image (a few KB of PNG) would need 1.6 G pixels. Past
@@ -48,40 +53,6 @@ class ImageLimits:
 
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
-
-
-@dataclass(frozen=True)
-class View:
-    """A deterministic test-time view: an optional zoom crop, then an optional flip."""
-
-    name: str = "identity"
-    flip: bool = False
-    zoom: float = 1.0
-    anchor: tuple[float, float] = (0.5, 0.5)
-
-
-IDENTITY = View()
-
-
-def parse_view(name: str, *, zoom: float) -> View:
-    """``identity``, ``flip``, ``zoom_<center|tl|tr|bl|br>``, or ``flip+zoom_<...>``."""
-    flip = False
-    zoom_factor = 1.0
-    anchor = (0.5, 0.5)
-    for part in name.split("+"):
-        if part == "identity":
-            continue
-        if part == "flip" and not flip:
-            flip = True
-        elif part.startswith("zoom_") and part[5:] in _ZOOM_ANCHORS and zoom_factor == 1.0:
-            zoom_factor = zoom
-            anchor = _ZOOM_ANCHORS[part[5:]]
-        else:
-            raise ValueError(
-                f"unknown view {name!r}: use identity, flip, "
-                f"zoom_<{'|'.join(_ZOOM_ANCHORS)}> or flip+zoom_<...>"
-            )
-    return View(name=name, flip=flip, zoom=zoom_factor, anchor=anchor)
 
 
 @dataclass(frozen=True)

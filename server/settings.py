@@ -24,6 +24,7 @@ ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+SWITCHES = ("on", "off")
 
 
 class SettingsError(ValueError):
@@ -52,14 +53,18 @@ class ServerSettings:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     instances: int = 1
-    # 0 leaves the choice to onnxruntime.
+    # intra_op_threads and preprocess_workers 0: derived from the CPUs this process may
+    # use (affinity and cgroup quota, server/cpus.py). inter_op 0 is onnxruntime's choice.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # "on" lets idle onnxruntime threads busy-wait for work (lower latency on a CPU
+    # nothing else needs); "off" frees their cores for decoding.
+    intra_op_spinning: str = "off"
     # "auto" is CUDA then CPU among those available, or an explicit list of providers.
     providers: tuple[str, ...] = ("auto",)
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    # Threads that decode and resize images; 0 is one per CPU.
+    # Threads that decode and resize images.
     preprocess_workers: int = 0
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
@@ -72,7 +77,7 @@ class ServerSettings:
     load_model: tuple[str, ...] = ()
     # The visionrpc.v1.ModelControlService admin API; off unless asked for. With auth on,
     # it requires its own token, so an inference token cannot unload models.
-    model_control_api: bool = False
+    model_control_api: str = "off"
     model_control_token: str | None = field(default=None, repr=False)
     model_control_token_file: Path | None = None
     log_level: str = "INFO"
@@ -83,10 +88,18 @@ class ServerSettings:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.intra_op_spinning not in SWITCHES:
+            raise SettingsError("intra_op_spinning must be on or off")
         for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        for name in ("port", "metrics_port", "intra_op_threads", "inter_op_threads"):
+        for name in (
+            "port",
+            "metrics_port",
+            "intra_op_threads",
+            "inter_op_threads",
+            "preprocess_workers",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
@@ -113,7 +126,9 @@ class ServerSettings:
             _check_token(self.model_control_token, "model_control_token")
         auth_on = self.auth_token is not None or self.auth_token_file is not None
         control_token = self.model_control_token or self.model_control_token_file
-        if self.model_control_api and auth_on and control_token is None:
+        if self.model_control_api not in SWITCHES:
+            raise SettingsError("model_control_api must be on or off")
+        if self.model_control_api == "on" and auth_on and control_token is None:
             raise SettingsError(
                 "with auth on, model_control_api needs its own token: set "
                 "VISIONRPC_MODEL_CONTROL_TOKEN or model_control_token_file"
@@ -204,17 +219,6 @@ def _parse_providers(value: Any) -> tuple[str, ...]:
     return tuple(str(item).strip() for item in items if str(item).strip())
 
 
-def _parse_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
 def _parse_path(value: Any) -> Path:
     return Path(value).expanduser()
 
@@ -228,7 +232,6 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "int": int,
     "float": float,
     "str": str,
-    "bool": _parse_bool,
     "Path": _parse_path,
     "Path | None": _optional(_parse_path),
     "str | None": _optional(str),
@@ -244,8 +247,7 @@ def parse_value(name: str, value: Any) -> Any:
     """Convert a flag, environment or file value to the field's type."""
     field = {f.name: f for f in fields(ServerSettings)}[name]
     parser = _PARSERS[str(field.type)]
-    wrong_type = isinstance(value, bool) and parser is not _parse_bool
-    if wrong_type or (parser in (int, float) and isinstance(value, list | dict)):
+    if isinstance(value, bool) or (parser in (int, float) and isinstance(value, list | dict)):
         raise SettingsError(f"{name}: {value!r} is not a number")
     try:
         return parser(value)

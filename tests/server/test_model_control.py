@@ -269,7 +269,7 @@ async def explicit(root: Path) -> AsyncIterator[tuple[RunningServer, grpc.aio.Ch
     write_channel_mean_multilabel(root)
     async with (
         running_server(
-            root, model_control="explicit", load_model=("colors",), model_control_api=True
+            root, model_control="explicit", load_model=("colors",), model_control_api="on"
         ) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
@@ -355,7 +355,7 @@ async def test_load_and_unload_are_refused_unless_the_mode_is_explicit(
     root: Path,
 ) -> None:
     async with (
-        running_server(root, model_control_api=True, **POLL_BY_HAND) as server,
+        running_server(root, model_control_api="on", **POLL_BY_HAND) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -384,7 +384,7 @@ async def test_with_auth_on_the_admin_api_takes_its_own_token_only(root: Path) -
             root,
             model_control="explicit",
             load_model=("colors",),
-            model_control_api=True,
+            model_control_api="on",
             auth_token="inference-secret",
             model_control_token="control-secret",
         ) as server,

@@ -4,7 +4,7 @@ isort:skip_file
 visionrpc model control, version 1: load, unload and reload models without a
 restart, and see every model's and version's state.
 
-Served only when the server runs with --model-control-api true; with auth on,
+Served only when the server runs with --model-control-api on; with auth on,
 calls need "authorization: Bearer <model-control token>", a token of its own.
 Load, unload and reload need --model-control explicit (FAILED_PRECONDITION
 otherwise: in poll mode the repository folder decides); the index always works.
