@@ -141,7 +141,9 @@ async def test_poll_serves_a_new_version_and_releases_the_old_one(
 async def test_a_call_running_during_a_swap_finishes_on_the_old_version(tmp_path: Path) -> None:
     root = tmp_path / "models"
     # Version 1 holds each call 1.5 s in its queue, so the call is still running at the swap.
-    write_channel_mean_classifier(root, batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     async with (
         running_server(root, **POLL_BY_HAND) as server,
         grpc.aio.insecure_channel(server.address) as channel,
