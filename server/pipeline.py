@@ -22,7 +22,14 @@ import numpy as np
 from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
 from .model_config import InputSpec
 from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
-from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
+from .preprocess import (
+    Geometry,
+    ImageLimits,
+    View,
+    decode_for_model,
+    image_from_pixels,
+    prepare_views,
+)
 from .repository import LoadedModel, ModelRepository
 from .tasks import PredictionObserver, serving_task
 
@@ -92,6 +99,7 @@ class Pipeline:
     async def _predict(
         self, model: LoadedModel, call: PredictCall, deadline: float | None
     ) -> PredictOutcome:
+        refuse_foreign_options(model.config.task, call.options)
         resolved = resolve_options(model.config, call.options)
         if not call.images:
             raise InvalidInput("the request has no images")
@@ -142,14 +150,40 @@ class Pipeline:
         return prepared
 
 
+# The options each task reads; tta and tta_views apply to every task. all_scores is
+# left out: a plain bool with no "unset", which the Open Inference Protocol path always
+# sets because its multilabel answer carries every score.
+_TASK_OPTIONS = {
+    "classification": frozenset({"top_k", "min_confidence"}),
+    "multilabel": frozenset({"threshold", "class_thresholds"}),
+    "points": frozenset[str](),
+}
+
+
+def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
+    """An option another task reads would be silently ignored here: refuse it instead."""
+    given = {
+        "top_k": options.top_k is not None,
+        "min_confidence": options.min_confidence is not None,
+        "threshold": options.threshold is not None,
+        "class_thresholds": bool(options.class_thresholds),
+    }
+    applies = _TASK_OPTIONS.get(task, frozenset(given))
+    foreign = sorted(name for name, is_set in given.items() if is_set and name not in applies)
+    if foreign:
+        taken = ", ".join([*sorted(applies), "tta", "tta_views"])
+        raise InvalidInput(
+            f"options.{foreign[0]}: does not apply to {task} models, which take {taken}"
+        )
+
+
 def decode_and_prepare(
     image: ImageInput, spec: InputSpec, views: tuple[View, ...], limits: ImageLimits
 ) -> _PreparedImage:
     """Blocking: bytes to one model-input row per view."""
     if isinstance(image, EncodedImage):
-        decoded = load_image(image.data, limits)
-    else:
-        decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
+        return prepare_views(decode_for_model(image.data, spec, views, limits), spec, views)
+    decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
     return prepare_views(decoded, spec, views)
 
 
