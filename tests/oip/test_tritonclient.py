@@ -325,12 +325,60 @@ def test_an_unknown_model_is_not_found(client: triton.InferenceServerClient) -> 
     assert raised.value.status() == "StatusCode.NOT_FOUND"
 
 
-def test_model_control_says_it_is_not_available(client: triton.InferenceServerClient) -> None:
+def test_load_and_unload_say_how_to_enable_them_when_model_control_is_off(
+    client: triton.InferenceServerClient,
+) -> None:
     for call in (client.load_model, client.unload_model):
         with pytest.raises(InferenceServerException) as raised:
             call("colors")
         assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
-        assert "model control is not available" in raised.value.message()
+        assert "--model-control-api on" in raised.value.message()
+    assert client.is_model_ready("colors")
+
+
+async def test_load_and_unload_control_the_models_with_the_control_token_alone(
+    repository: Path,
+) -> None:
+    inference, control = "inference-token-1234", "control-token-5678"
+    settings: dict[str, Any] = {
+        "model_control": "explicit",
+        "model_control_api": "on",
+        "load_model": ("colors",),
+        "auth_token": inference,
+        "model_control_token": control,
+    }
+    as_inference = {"authorization": f"Bearer {inference}"}
+    as_control = {"authorization": f"Bearer {control}"}
+    async with (
+        running_server(repository, **settings) as served,
+        triton_aio.InferenceServerClient(url=served.address) as client,
+    ):
+        index = await client.get_model_repository_index(headers=as_inference, as_json=True)
+        states = {m["name"]: m.get("state") for m in index["models"]}
+        assert states["colors"] == "READY" and states["channels"] != "READY"
+        assert not await client.is_model_ready("channels", headers=as_inference)
+
+        with pytest.raises(InferenceServerException) as refused:
+            await client.load_model("channels", headers=as_inference)
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        await client.load_model("channels", headers=as_control)
+        assert await client.is_model_ready("channels", headers=as_inference)
+        answer = await client.infer(
+            "channels", [encoded_input([png(COLOURS[2])])], headers=as_inference
+        )
+        assert b"blue" in answer.as_numpy("labels")[0].tolist()
+
+        await client.unload_model("colors", headers=as_control)
+        assert not await client.is_model_ready("colors", headers=as_inference)
+        with pytest.raises(InferenceServerException) as gone:
+            await client.infer("colors", [encoded_input([png(COLOURS[0])])], headers=as_inference)
+        assert gone.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+        after = await client.get_model_repository_index(headers=as_inference, as_json=True)
+        assert "channels" in {m["name"] for m in after["models"] if m.get("state") == "READY"}
+
+        with pytest.raises(InferenceServerException) as missing:
+            await client.load_model("no-such-model", headers=as_control)
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
 
 
 async def test_asyncio_client_infers_and_is_counted(repository: Path) -> None:
