@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
@@ -41,7 +41,7 @@ from .model_manager import ControlMode, ModelManager
 from .oip import CONTROL_METHODS as OIP_CONTROL_METHODS
 from .oip import INFERENCE_METHODS as OIP_INFERENCE_METHODS
 from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
-from .oip import OpenInferenceServicer
+from .oip import OpenInferenceServicer, reflection_pool
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .repository import ModelRepository, model_folders
@@ -179,13 +179,21 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ),
         server,
     )
-    services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    services = [
+        INFERENCE_SERVICE,
+        OPEN_INFERENCE_SERVICE,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
     if settings.model_control_api == "on":
         model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
             ModelControlServicer(manager), server
         )
         services.append(MODEL_CONTROL_SERVICE)
-    reflection.enable_server_reflection(services, server)
+    served_files = [pb.DESCRIPTOR, model_control_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
+    reflection.enable_server_reflection(
+        services, server, pool=reflection_pool([*served_files, reflection_pb2.DESCRIPTOR])
+    )
     address = f"{settings.host}:{settings.port}"
     try:
         port = _add_port(server, address, tls)

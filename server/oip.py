@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 
 import visionrpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
@@ -233,6 +235,30 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         )
 
 
+def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """One pool with the served files, this protocol's and their imports, for reflection.
+
+    The Open Inference Protocol's file lives in a pool of its own (see protos/generate.py),
+    where server reflection, which reads one pool, would not find it otherwise.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+
+    for file in (*served, v2.DESCRIPTOR):
+        add(file)
+    return pool
+
+
 def _fail_when_every_image_failed(outcome: PredictOutcome) -> None:
     """With no image answered there is nothing to return: the first image's error is the call's."""
     errors = [result for result in outcome.results if isinstance(result, VisionRPCError)]
@@ -247,4 +273,10 @@ def _image_count(request: v2.ModelInferRequest) -> int:
     return max(0, int(request.inputs[0].shape[0]))
 
 
-__all__ = ["CONTROL_METHODS", "INFERENCE_METHODS", "SERVICE_NAME", "OpenInferenceServicer"]
+__all__ = [
+    "CONTROL_METHODS",
+    "INFERENCE_METHODS",
+    "SERVICE_NAME",
+    "OpenInferenceServicer",
+    "reflection_pool",
+]

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -463,3 +465,27 @@ def test_images_of_shape_n_by_1_are_accepted_as_triton_batches_send_them(
     labels = answer.outputs[0]
     assert labels.name == "labels" and list(labels.shape) == [1, 3]
     assert answer.raw_output_contents[0][4:9] == b"green"
+
+
+def test_reflection_lists_and_describes_the_open_inference_service(
+    server: RunningServer,
+) -> None:
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="inference.GRPCInferenceService"
+        ),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="visionrpc.v1.Inference"),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listed, described, v1_described = list(stub.ServerReflectionInfo(iter(requests)))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "visionrpc.v1.Inference"} <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    methods = {m.name for f in files for s in f.service for m in s.method}
+    assert {"ServerLive", "ModelMetadata", "ModelInfer", "RepositoryIndex"} <= methods
+    assert v1_described.file_descriptor_response.file_descriptor_proto
