@@ -125,7 +125,7 @@ async def drive(address: str, image: bytes, concurrency: int, seconds: float) ->
     errors = 0
     request = pb.PredictRequest(model=MODEL, images=[pb.Image(encoded=image)])
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         await stub.Predict(request)
         started = time.perf_counter()
         stop_at = started + seconds

@@ -85,7 +85,7 @@ class Client(ClientBase):
             self._channel = grpc.secure_channel(
                 address, tls.credentials(), options=self._channel_options
             )
-        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=None,

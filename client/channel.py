@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import grpc
 
-SERVICE_NAME = "visionrpc.v1.Inference"
+SERVICE_NAME = "visionrpc.v1.InferenceService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 
 LoadBalancing = Literal["pick_first", "round_robin"]

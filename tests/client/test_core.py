@@ -97,7 +97,7 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
                 tta_views=3,
             ),
             pb.ImageResult(points=pb.Points(points=[pb.Point(name="c", x=1.5, y=2.5)])),
-            pb.ImageResult(error=pb.Status(code=3, message="not an image")),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="not an image")),
         ],
     )
     first, second, third, fourth = decode_response(response, 10, raise_on_error=False)
@@ -115,7 +115,7 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
 
 def test_an_image_error_raises_with_its_index_when_asked() -> None:
     response = pb.PredictResponse(
-        results=[classification("cat"), pb.ImageResult(error=pb.Status(code=3, message="bad"))]
+        results=[classification("cat"), pb.ImageResult(error=pb.ErrorStatus(code=3, message="bad"))]
     )
     with pytest.raises(InvalidInputError) as caught:
         decode_response(response, 0, raise_on_error=True)
@@ -130,7 +130,7 @@ def test_results_are_json_serialisable_and_readable() -> None:
         version="1",
         results=[
             classification("beagle"),
-            pb.ImageResult(error=pb.Status(code=3, message="truncated")),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="truncated")),
         ],
     )
     result, error = decode_response(response, 0, raise_on_error=False)
@@ -189,7 +189,7 @@ def test_batch_plan_raises_the_error_of_a_failed_streamed_request() -> None:
     (request,) = plan.requests()
     failed = pb.PredictResponse(
         request_id=request.request_id,
-        error=pb.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
+        error=pb.ErrorStatus(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
     )
     with pytest.raises(ModelNotFoundError, match="no model named"):
         plan.accept(failed)
@@ -224,7 +224,7 @@ def test_service_config_retries_only_unavailable_and_overloaded() -> None:
     config = json.loads(service_config(policy, "round_robin"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert {"service": "visionrpc.v1.Inference"} in method["name"]
+    assert {"service": "visionrpc.v1.InferenceService"} in method["name"]
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.1s",
