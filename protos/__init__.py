@@ -1,7 +1,8 @@
-"""Generated protobuf and gRPC code for the visionrpc API (``visionrpc.v1``).
+"""Generated protobuf and gRPC code: visionrpc's API (``visionrpc.v1``) and, in
+``visionrpc.protos.inference``, the Open Inference Protocol (proto package ``inference``).
 
 Besides the generated modules, the two functions that turn the task names used
-everywhere else ("classification", "multilabel", "points") into the wire's
+everywhere else ("classification", "multilabel", "points") into visionrpc.v1's
 ``ModelTask`` enum and back, so no caller spells the enum prefix itself.
 """
 

@@ -1,6 +1,8 @@
 """Wires the server together, in order, and runs it until SIGTERM or SIGINT.
 
-Order: the metrics, the servicer over a repository that is still loading,
+Order: the metrics, the servicers (visionrpc.v1 and the Open Inference Protocol's
+``inference.GRPCInferenceService``, one pipeline under both) over a repository that is
+still loading,
 ``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
@@ -28,10 +30,14 @@ from grpc_reflection.v1alpha import reflection
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
+from .cpus import plan_threads, usable_cpus
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
+from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
+from .oip import OpenInferenceServicer
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .repository import ModelRepository, load_repository
@@ -75,8 +81,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     auth_token = settings.read_auth_token()
     metrics = ServerMetrics()
     repository = ModelRepository({}, [], loading=True)
+    threads = plan_threads(
+        usable_cpus(),
+        intra_op_threads=settings.intra_op_threads,
+        preprocess_workers=settings.preprocess_workers,
+    )
     decode_executor = ThreadPoolExecutor(
-        max_workers=settings.preprocess_workers or None, thread_name_prefix="decode"
+        max_workers=threads.preprocess_workers, thread_name_prefix="decode"
     )
     pipeline = Pipeline(
         repository,
@@ -87,10 +98,14 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     servicer = InferenceServicer(
         pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
     )
+    # One interceptor per protected service: both APIs need the token, health does not.
     interceptors = (
         []
         if auth_token is None
-        else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)]
+        else [
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
+            BearerTokenInterceptor(auth_token, OPEN_INFERENCE_SERVICE, metrics, ("ModelInfer",)),
+        ]
     )
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -102,6 +117,9 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(pipeline, repository, health_servicer, metrics), server
+    )
     for name in ["", INFERENCE_SERVICE, *_model_folders(settings.repository)]:
         await health_servicer.set(name, NOT_SERVING)
     reflection.enable_server_reflection(
@@ -128,10 +146,18 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         _metrics_server=metrics_server,
     )
     logger.info("listening on %s (port %d), loading models", address, port)
+    logger.info(
+        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s), %d decode threads",
+        threads.cpus,
+        threads.intra_op_threads,
+        settings.intra_op_spinning,
+        threads.preprocess_workers,
+    )
     runtime_options = RuntimeOptions(
         providers=settings.providers,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.intra_op_spinning == "on",
     )
     try:
         loaded = await asyncio.to_thread(

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .views import parse_view
+
 TASKS = ("classification", "multilabel", "points")
 RESIZE_METHODS = ("crop", "squish", "pad")
 CONFIG_NAMES = ("config.json", "config.yaml", "config.yml")
@@ -52,6 +54,8 @@ class BatchingConfig:
     max_queue_delay_ms: float | None = None
     max_queue_size: int | None = None
     instances: int | None = None
+    # True makes an idle instance wait max_queue_delay_ms for company too (see batching.py).
+    wait_when_idle: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class TTAConfig:
     """Test-time augmentation: deterministic views blended as fastai's ``tta`` does."""
 
     enabled: bool = False
-    # Views besides the identity; see visionrpc.server.preprocess.parse_view.
+    # Views besides the identity; see visionrpc.server.views.parse_view.
     views: tuple[str, ...] = ("flip",)
     # Weight of the un-augmented prediction: lerp(mean(augmented), plain, beta).
     beta: float = 0.25
@@ -225,8 +229,6 @@ def _input_spec(raw: Any) -> InputSpec:
 
 
 def _tta(raw: Any) -> TTAConfig:
-    from .preprocess import parse_view  # local: preprocess imports this module's types
-
     if not isinstance(raw, Mapping):
         raise ConfigError("tta must be a mapping")
     views = tuple(str(v) for v in raw.get("views", TTAConfig.views))
@@ -252,6 +254,9 @@ def _batching(raw: Any) -> BatchingConfig:
     delay = raw.get("max_queue_delay_ms")
     if delay is not None and (not isinstance(delay, int | float) or delay < 0):
         raise ConfigError("batching.max_queue_delay_ms must be a number >= 0")
+    wait_when_idle = raw.get("wait_when_idle")
+    if wait_when_idle is not None and not isinstance(wait_when_idle, bool):
+        raise ConfigError("batching.wait_when_idle must be true or false")
 
     def optional_int(key: str) -> int | None:
         value = raw.get(key)
@@ -262,6 +267,7 @@ def _batching(raw: Any) -> BatchingConfig:
         max_queue_delay_ms=None if delay is None else float(delay),
         max_queue_size=optional_int("max_queue_size"),
         instances=optional_int("instances"),
+        wait_when_idle=wait_when_idle,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,16 +21,17 @@ import numpy as np
 
 from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
 from .model_config import InputSpec
-from .postprocess import (
-    ClassificationResult,
-    ImageResult,
-    MultiLabelResult,
-    PredictionOptions,
-    finish,
-    resolve_options,
+from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
+from .preprocess import (
+    Geometry,
+    ImageLimits,
+    View,
+    decode_for_model,
+    image_from_pixels,
+    prepare_views,
 )
-from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
 from .repository import LoadedModel, ModelRepository
+from .tasks import PredictionObserver, serving_task
 
 
 @dataclass(frozen=True)
@@ -69,19 +70,10 @@ class PredictOutcome:
 _PreparedImage = list[tuple[np.ndarray, Geometry]]
 
 
-class PipelineObserver(Protocol):
+class PipelineObserver(PredictionObserver, Protocol):
     """What the pipeline reports; ``metrics.ServerMetrics`` implements it."""
 
     def preprocess_observed(self, model: str, seconds: float) -> None: ...
-    def classification_observed(self, model: str, version: str, top1_score: float) -> None: ...
-    def multilabel_observed(self, model: str, version: str, labels_count: int) -> None: ...
-    def points_observed(
-        self,
-        model: str,
-        version: str,
-        xs_normalized: Iterable[float],
-        ys_normalized: Iterable[float],
-    ) -> None: ...
     def tta_used(self, model: str, version: str, images: int) -> None: ...
 
 
@@ -156,9 +148,8 @@ def decode_and_prepare(
 ) -> _PreparedImage:
     """Blocking: bytes to one model-input row per view."""
     if isinstance(image, EncodedImage):
-        decoded = load_image(image.data, limits)
-    else:
-        decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
+        return prepare_views(decode_for_model(image.data, spec, views, limits), spec, views)
+    decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
     return prepare_views(decoded, spec, views)
 
 
@@ -177,20 +168,9 @@ def observe_results(
     """What the answered images look like, so drifting inputs show on a dashboard."""
     version = str(model.version)
     answered = [result for result in results if not isinstance(result, VisionRPCError)]
+    task = serving_task(model.config.task)
     for answer in answered:
-        result = answer.result
-        if isinstance(result, ClassificationResult):
-            if result.top:
-                observer.classification_observed(model.name, version, result.top[0].score)
-        elif isinstance(result, MultiLabelResult):
-            observer.multilabel_observed(model.name, version, len(result.labels))
-        else:
-            observer.points_observed(
-                model.name,
-                version,
-                [point.x_normalized for point in result.points],
-                [point.y_normalized for point in result.points],
-            )
+        task.observe(observer, model.name, version, answer.result)
     with_tta = sum(1 for answer in answered if answer.tta_applied)
     if with_tta:
         observer.tta_used(model.name, version, with_tta)

@@ -66,6 +66,9 @@ def batching_in_force(config: BatchingConfig, defaults: BatchSettings) -> BatchS
         ),
         max_queue_size=config.max_queue_size or defaults.max_queue_size,
         instances=config.instances or defaults.instances,
+        wait_when_idle=(
+            defaults.wait_when_idle if config.wait_when_idle is None else config.wait_when_idle
+        ),
     )
 
 

@@ -23,6 +23,7 @@ from .batching import BatchSettings
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SWITCHES = ("on", "off")
 
 
 class SettingsError(ValueError):
@@ -51,14 +52,18 @@ class ServerSettings:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     instances: int = 1
-    # 0 leaves the choice to onnxruntime.
+    # intra_op_threads and preprocess_workers 0: derived from the CPUs this process may
+    # use (affinity and cgroup quota, server/cpus.py). inter_op 0 is onnxruntime's choice.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # "on" lets idle onnxruntime threads busy-wait for work (lower latency on a CPU
+    # nothing else needs); "off" frees their cores for decoding.
+    intra_op_spinning: str = "off"
     # "auto" is CUDA then CPU among those available, or an explicit list of providers.
     providers: tuple[str, ...] = ("auto",)
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    # Threads that decode and resize images; 0 is one per CPU.
+    # Threads that decode and resize images.
     preprocess_workers: int = 0
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
@@ -71,10 +76,18 @@ class ServerSettings:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.intra_op_spinning not in SWITCHES:
+            raise SettingsError("intra_op_spinning must be on or off")
         for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        for name in ("port", "metrics_port", "intra_op_threads", "inter_op_threads"):
+        for name in (
+            "port",
+            "metrics_port",
+            "intra_op_threads",
+            "inter_op_threads",
+            "preprocess_workers",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:

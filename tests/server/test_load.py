@@ -91,7 +91,13 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
     root = tmp_path / "models"
     # A long batching delay keeps the first rows waiting in the queue.
     write_channel_mean_classifier(
-        root, batching={"max_queue_size": 2, "max_batch_size": 16, "max_queue_delay_ms": 1500}
+        root,
+        batching={
+            "max_queue_size": 2,
+            "max_batch_size": 16,
+            "max_queue_delay_ms": 1500,
+            "wait_when_idle": True,
+        },
     )
     image = png(solid(255, 0, 0))
     async with (
@@ -122,7 +128,9 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
 
 async def test_a_request_past_its_deadline_is_dropped_before_compute(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_channel_mean_classifier(root, batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     image = png(solid(0, 0, 255))
     async with (
         running_server(root) as server,
