@@ -31,9 +31,12 @@ def _class_threshold(text: str) -> tuple[str, float]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
 
 
@@ -104,6 +107,9 @@ def _add_predict(subcommands: argparse._SubParsersAction[Any], parent: Any) -> N
 
 def _run(command: str) -> Any:
     def handler(args: argparse.Namespace) -> int:
+        # gRPC's core logs handshake failures to stderr before the call fails; the
+        # command prints its own one-line reason. Read once, when gRPC loads.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from . import commands
 
         return commands.run(command, args)

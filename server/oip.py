@@ -107,6 +107,9 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         with self._metrics.in_flight(request.model_name):
             try:
                 infer = oip_codec.infer_call(request)
+                # Checked before any work; an unknown model fails here as in the pipeline.
+                model = self._repository.get(infer.call.model, infer.call.version)
+                oip_codec.check_outputs(model.config, infer.outputs)
                 outcome = await self._pipeline.predict(infer.call, _deadline(context))
                 response = oip_codec.infer_response(outcome, request, infer.outputs)
                 _fail_when_every_image_failed(outcome)

@@ -255,13 +255,7 @@ def infer_response(
     """The typed output tensors of an answered request (see the module docstring)."""
     config = outcome.model.config
     task = serving_task(config.task)
-    known = [tensor.name for tensor in (*task.v2_outputs(config), *_COMMON_OUTPUTS)]
-    for index, name in enumerate(outputs):
-        if name not in known:
-            raise InvalidInput(
-                f"outputs[{index}].name: {quoted(name)} is not an output of model "
-                f"{config.name}; its outputs: {', '.join(known)}"
-            )
+    known = check_outputs(config, outputs)
     answered = [None if isinstance(r, VisionRPCError) else r for r in outcome.results]
     columns = task.to_v2(config, [None if r is None else r.result for r in answered])
     columns.update(_common_columns(outcome.results, answered))
@@ -271,7 +265,7 @@ def infer_response(
         for name in known
         if not outputs or name in outputs or (name == ERROR_OUTPUT and failed)
     ]
-    datatypes = {t.name: t.datatype for t in (*task.v2_outputs(config), *_COMMON_OUTPUTS)}
+    datatypes = {tensor.name: tensor.datatype for tensor in _outputs(config)}
     response = v2.ModelInferResponse(
         model_name=outcome.model.name, model_version=str(outcome.model.version), id=request.id
     )
@@ -280,6 +274,18 @@ def infer_response(
         response.outputs.add(name=name, datatype=datatypes[name], shape=list(array.shape))
         response.raw_output_contents.append(_raw(array, datatypes[name]))
     return response
+
+
+def check_outputs(config: ModelConfig, outputs: Sequence[str]) -> list[str]:
+    """The model's output names, once every requested one is among them."""
+    known = [tensor.name for tensor in _outputs(config)]
+    for index, name in enumerate(outputs):
+        if name not in known:
+            raise InvalidInput(
+                f"outputs[{index}].name: {quoted(name)} is not an output of model "
+                f"{config.name}; its outputs: {', '.join(known)}"
+            )
+    return known
 
 
 def _common_columns(

@@ -93,6 +93,7 @@ class Pipeline:
     async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
         """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
         model = self.repository.get(call.model, call.version)
+        refuse_foreign_options(model.config.task, call.options)
         resolved = resolve_options(model.config, call.options)
         if not call.images:
             raise InvalidInput("the request has no images")
@@ -141,6 +142,33 @@ class Pipeline:
         if self._observer is not None:
             self._observer.preprocess_observed(model.name, seconds)
         return prepared
+
+
+# The options each task reads; tta and tta_views apply to every task. all_scores is
+# left out: a plain bool with no "unset", which the Open Inference Protocol path always
+# sets because its multilabel answer carries every score.
+_TASK_OPTIONS = {
+    "classification": frozenset({"top_k", "min_confidence"}),
+    "multilabel": frozenset({"threshold", "class_thresholds"}),
+    "points": frozenset[str](),
+}
+
+
+def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
+    """An option another task reads would be silently ignored here: refuse it instead."""
+    given = {
+        "top_k": options.top_k is not None,
+        "min_confidence": options.min_confidence is not None,
+        "threshold": options.threshold is not None,
+        "class_thresholds": bool(options.class_thresholds),
+    }
+    applies = _TASK_OPTIONS.get(task, frozenset(given))
+    foreign = sorted(name for name, is_set in given.items() if is_set and name not in applies)
+    if foreign:
+        taken = ", ".join([*sorted(applies), "tta", "tta_views"])
+        raise InvalidInput(
+            f"options.{foreign[0]}: does not apply to {task} models, which take {taken}"
+        )
 
 
 def decode_and_prepare(

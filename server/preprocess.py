@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,6 +59,70 @@ DRAFT_MARGIN = 2.0
 # The encoded formats the API accepts ("JPEG" opens cameras' multi-picture MPO files too).
 # Naming them keeps Pillow's other decoders (EPS through Ghostscript, ...) out of reach.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# What callers see: MPO is decoded by the JPEG plugin but is a format of its own to them.
+REPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
+
+# Leading bytes of common formats, to say what an unusable file is. Header sniffing only:
+# handing the bytes to Pillow's other plugins would put their parsers within reach.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (8, b"WEBP", "WEBP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "PostScript"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (4, b"JXL ", "JPEG XL"),
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (0, b"qoif", "QOI"),
+)
+_SVG = re.compile(rb"<svg[\s>]", re.IGNORECASE)
+# Pillow names its input in some messages: "<_io.BytesIO object at 0x7f...>".
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def accepted_extensions() -> tuple[str, ...]:
+    """File name suffixes of REPORTED_FORMATS, as Pillow registers them, sorted."""
+    return tuple(
+        sorted(
+            extension
+            for extension, image_format in Image.registered_extensions().items()
+            if image_format in REPORTED_FORMATS
+        )
+    )
+
+
+def detected_format(data: bytes) -> str | None:
+    """The format the leading bytes announce, or None."""
+    for offset, signature, name in _SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            return name
+    if _SVG.search(data[:4096]):
+        return "SVG"
+    return None
+
+
+def _undecodable(data: bytes, reason: str) -> InvalidInput:
+    """An unusable file: what it looks like, why it failed, and what is accepted."""
+    accepted = f"accepted formats: {', '.join(REPORTED_FORMATS)}"
+    found = detected_format(data)
+    if found is None:
+        return InvalidInput(f"not an image in a known format (none detected); {accepted}")
+    if found not in REPORTED_FORMATS:
+        return InvalidInput(f"unsupported image format {found}; {accepted}")
+    reason = _OBJECT_REPR.sub("", reason).strip() or "unreadable data"
+    return InvalidInput(
+        f"the {found} data cannot be decoded ({reason}); the file may be truncated or damaged"
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +201,7 @@ def input_geometry(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimi
     except InvalidInput:
         raise
     except Exception as exc:
-        raise InvalidInput(f"not a decodable image: {exc}") from exc
+        raise _undecodable(data, str(exc)) from exc
     # prepare's geometry depends only on the sizes, so a blank image of that size gives it.
     blank = DecodedImage(Image.new("L", (width, height)), original_width, original_height, scale)
     return prepare(blank, spec)[1]
@@ -172,7 +237,7 @@ def _decode(
     except Exception as exc:
         # Pillow's decoders fail on hostile bytes with many exception types (struct.error,
         # IndexError, ...): every one of them means the caller sent an undecodable file.
-        raise InvalidInput(f"not a decodable image: {exc}") from exc
+        raise _undecodable(data, str(exc)) from exc
     return DecodedImage(image, width, height, scale)
 
 

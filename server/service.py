@@ -30,6 +30,7 @@ from .logging_setup import ACCESS_LOGGER, request_log
 from .metrics import ServerMetrics
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
+from .preprocess import REPORTED_FORMATS, accepted_extensions
 from .repository import LoadedModel, ModelRepository
 from .tasks import serving_task
 
@@ -323,4 +324,6 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         dataset=config.training.dataset,
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
+        accepted_formats=list(REPORTED_FORMATS),
+        accepted_extensions=list(accepted_extensions()),
     )

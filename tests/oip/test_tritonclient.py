@@ -278,9 +278,10 @@ def test_a_bad_parameter_is_invalid_argument_naming_it(
     assert f"parameters[{named}]" in raised.value.message()
 
 
-def test_an_unknown_output_is_invalid_argument_naming_it(
-    client: triton.InferenceServerClient,
+def test_an_unknown_output_is_refused_before_any_image_is_decoded(
+    client: triton.InferenceServerClient, server: RunningServer
 ) -> None:
+    decoded = count(server, "visionrpc_preprocess_seconds_count", model="colors")
     with pytest.raises(InferenceServerException) as raised:
         client.infer(
             "colors",
@@ -289,6 +290,7 @@ def test_an_unknown_output_is_invalid_argument_naming_it(
         )
     assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "'probabilities'" in raised.value.message() and "labels" in raised.value.message()
+    assert count(server, "visionrpc_preprocess_seconds_count", model="colors") == decoded
 
 
 def test_one_bad_image_fails_only_its_own_row(

@@ -49,12 +49,16 @@ async def test_hundreds_of_concurrent_requests_each_get_their_own_exact_answer(
     ):
         stub = pb_grpc.InferenceServiceStub(channel)
         slots = asyncio.Semaphore(CLIENTS_AT_ONCE)
-        options = pb.PredictionOptions(top_k=3, all_scores=True, threshold=0.0)
+        # Each task refuses the options of the others.
+        options = {
+            "colors": pb.PredictionOptions(top_k=3),
+            "channels": pb.PredictionOptions(all_scores=True, threshold=0.0),
+        }
 
         async def call(model: str, files: list[bytes]) -> pb.PredictResponse:
             async with slots:
                 response: pb.PredictResponse = await stub.Predict(
-                    encoded_request(model, *files, options=options)
+                    encoded_request(model, *files, options=options[model])
                 )
                 return response
 

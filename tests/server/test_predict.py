@@ -177,8 +177,8 @@ async def test_bad_images_fail_alone_and_name_their_index(
     response = await stub.Predict(pb.PredictRequest(model="colors", images=images))
     reasons = {
         1: "empty",
-        2: "not a decodable image",
-        3: "not a decodable image",
+        2: "data cannot be decoded",
+        3: "the GIF data cannot be decoded",
         4: "over the limit of 4000",
         5: "over the limit of 10000",
         6: "needs 12 bytes",
