@@ -123,7 +123,26 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     _add_predict(subcommands, connection)
 
     models = subcommands.add_parser(
-        "models", parents=[connection], help="list the models a server has loaded"
+        "models",
+        parents=[connection],
+        help="list the served models; load, unload or reload one (model control)",
+        description="Without arguments: the models the server serves. With --all, or with "
+        "load|unload|reload NAME: the server's model-control API (serve --model-control-api "
+        "true; load, unload and reload also need --model-control explicit).",
+    )
+    models.add_argument(
+        "action", nargs="?", choices=("load", "unload", "reload"), help="model-control action"
+    )
+    models.add_argument("name", nargs="?", help="the model to load, unload or reload")
+    models.add_argument(
+        "--all",
+        action="store_true",
+        help="every model in the repository, loaded or not, with each version's state",
+    )
+    models.add_argument(
+        "--control-token",
+        default=os.environ.get("VISIONRPC_MODEL_CONTROL_TOKEN"),
+        help="bearer token of the model-control API (default: $VISIONRPC_MODEL_CONTROL_TOKEN)",
     )
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(handler=_run("models"))

@@ -97,17 +97,22 @@ def _read_pem(path: str | None) -> bytes | None:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
 
 
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings of the connection flags; None for plaintext."""
+    if not (args.ca or args.cert or args.key or args.tls):
+        return None
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key go together")
+    return TLSConfig(
+        root_certificates=_read_pem(args.ca),
+        certificate_chain=_read_pem(args.cert),
+        private_key=_read_pem(args.key),
+    )
+
+
 def connect(args: argparse.Namespace) -> Client:
     """A client for the connection flags of any command."""
-    tls = None
-    if args.ca or args.cert or args.key or args.tls:
-        if (args.cert is None) != (args.key is None):
-            raise UsageError("--cert and --key go together")
-        tls = TLSConfig(
-            root_certificates=_read_pem(args.ca),
-            certificate_chain=_read_pem(args.cert),
-            private_key=_read_pem(args.key),
-        )
+    tls = _tls(args)
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
     return Client(args.server, token=args.token, timeout=args.timeout, tls=tls)
@@ -159,6 +164,8 @@ def _print_predictions(files: list[Path], results: list[Prediction], *, as_json:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.action is not None or args.all:
+        return _model_control(args)
     with connect(args) as client:
         models = client.models()
     if args.json:
@@ -168,6 +175,32 @@ def _models(args: argparse.Namespace) -> int:
             (model.name, model.task, ", ".join(model.versions), model.provider) for model in models
         ]
         print(format_table(("MODEL", "TASK", "VERSIONS", "PROVIDER"), rows))
+    return EXIT_OK
+
+
+def _model_control(args: argparse.Namespace) -> int:
+    """``models --all`` and ``models load|unload|reload NAME``, through ModelControlService."""
+    from .model_control import ModelControlClient
+
+    if (args.action is None) == (args.name is None) or (args.action and args.all):
+        raise UsageError("use load|unload|reload NAME, or --all")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    with ModelControlClient(
+        args.server, timeout=args.timeout, tls=_tls(args), token=args.control_token
+    ) as control:
+        if args.action is None:
+            models = control.index()
+        else:
+            models = [getattr(control, args.action)(args.name)]
+    if args.json:
+        print(json.dumps([model.to_dict() for model in models], indent=2))
+        return EXIT_OK
+    rows = []
+    for model in models:
+        rows.append((model.name, "", model.state, model.reason))
+        rows.extend(("", v.version, v.state, v.reason) for v in model.versions)
+    print(format_table(("MODEL", "VERSION", "STATE", "REASON"), rows))
     return EXIT_OK
 
 

@@ -6,9 +6,21 @@ everywhere else ("classification", "multilabel", "points") into visionrpc.v1's
 ``ModelTask`` enum and back, so no caller spells the enum prefix itself.
 """
 
-from .visionrpc.v1 import inference_pb2, inference_pb2_grpc
+from .visionrpc.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    model_control_pb2,
+    model_control_pb2_grpc,
+)
 
-__all__ = ["inference_pb2", "inference_pb2_grpc", "task_from_proto", "task_to_proto"]
+__all__ = [
+    "inference_pb2",
+    "inference_pb2_grpc",
+    "model_control_pb2",
+    "model_control_pb2_grpc",
+    "task_from_proto",
+    "task_to_proto",
+]
 
 _PREFIX = "MODEL_TASK_"
 

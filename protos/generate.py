@@ -18,7 +18,11 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ("visionrpc/v1/inference.proto", "inference/grpc_predict_v2.proto")
+PROTO_FILES = (
+    "visionrpc/v1/inference.proto",
+    "visionrpc/v1/model_control.proto",
+    "inference/grpc_predict_v2.proto",
+)
 # Files whose descriptors live in a pool of their own instead of protobuf's default one:
 # tritonclient (and other Open Inference Protocol clients) register the same symbols
 # (inference.ModelInferRequest, ...) from their own file, and the default pool refuses a

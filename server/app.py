@@ -21,7 +21,6 @@ import logging
 import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,17 +29,20 @@ from grpc_reflection.v1alpha import reflection
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
+from .model_control import ModelControlServicer
+from .model_manager import ControlMode, ModelManager
 from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
 from .oip import OpenInferenceServicer
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
-from .repository import ModelRepository, load_repository
+from .repository import ModelRepository, model_folders
 from .runtime import RuntimeOptions
 from .service import InferenceServicer
 from .settings import ServerSettings, TLSFiles
@@ -48,6 +50,9 @@ from .settings import ServerSettings, TLSFiles
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
+    "ModelControlService"
+].full_name
 # The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
 PREDICT_METHODS = ("Predict", "PredictStream")
 
@@ -59,6 +64,7 @@ class RunningApp:
     port: int
     metrics_port: int
     repository: ModelRepository
+    models: ModelManager
     health: HealthServicer
     metrics: ServerMetrics
     _decode_executor: ThreadPoolExecutor
@@ -66,6 +72,7 @@ class RunningApp:
 
     async def stop(self, grace_seconds: float) -> None:
         """Refuse new calls, give in-flight ones the grace period, then release everything."""
+        await self.models.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_seconds)
         await self.repository.close()
@@ -79,8 +86,9 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     # Read before the slow model loading, so a wrong path fails at once.
     tls = settings.read_tls_files()
     auth_token = settings.read_auth_token()
+    control_token = settings.read_model_control_token()
     metrics = ServerMetrics()
-    repository = ModelRepository({}, [], loading=True)
+    repository = ModelRepository(loading=True)
     threads = plan_threads(
         usable_cpus(),
         intra_op_threads=settings.intra_op_threads,
@@ -107,6 +115,11 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             BearerTokenInterceptor(auth_token, OPEN_INFERENCE_SERVICE, metrics, ("ModelInfer",)),
         ]
     )
+    if settings.model_control_api == "on" and control_token is not None:
+        # Its own token: a client trusted to predict is not thereby trusted to unload.
+        interceptors.append(
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
+        )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -120,11 +133,38 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     v2_grpc.add_GRPCInferenceServiceServicer_to_server(
         OpenInferenceServicer(pipeline, repository, health_servicer, metrics), server
     )
-    for name in ["", INFERENCE_SERVICE, *_model_folders(settings.repository)]:
+    for name in ["", INFERENCE_SERVICE, *(p.name for p in model_folders(settings.repository))]:
         await health_servicer.set(name, NOT_SERVING)
-    reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    runtime_options = RuntimeOptions(
+        providers=settings.providers,
+        intra_op_threads=threads.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.intra_op_spinning == "on",
     )
+
+    async def serving_changed(model: str, serving: bool) -> None:
+        """Health follows the repository: per model, and the server while any model serves."""
+        await health_servicer.set(model, SERVING if serving else NOT_SERVING)
+        overall = SERVING if repository.names() else NOT_SERVING
+        for name in ("", INFERENCE_SERVICE):
+            await health_servicer.set(name, overall)
+
+    manager = ModelManager(
+        repository,
+        settings.repository,
+        runtime_options,
+        settings.default_batching,
+        mode=ControlMode(settings.model_control),
+        metrics=metrics,
+        on_serving_changed=serving_changed,
+    )
+    services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    if settings.model_control_api == "on":
+        model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+            ModelControlServicer(manager), server
+        )
+        services.append(MODEL_CONTROL_SERVICE)
+    reflection.enable_server_reflection(services, server)
     address = f"{settings.host}:{settings.port}"
     try:
         port = _add_port(server, address, tls)
@@ -140,6 +180,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         port=port,
         metrics_port=metrics_port,
         repository=repository,
+        models=manager,
         health=health_servicer,
         metrics=metrics,
         _decode_executor=decode_executor,
@@ -153,54 +194,32 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         settings.intra_op_spinning,
         threads.preprocess_workers,
     )
-    runtime_options = RuntimeOptions(
-        providers=settings.providers,
-        intra_op_threads=threads.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        allow_spinning=settings.intra_op_spinning == "on",
-    )
     try:
-        loaded = await asyncio.to_thread(
-            load_repository,
-            settings.repository,
-            runtime_options,
-            settings.default_batching,
-            metrics,
-        )
+        await manager.start(settings.load_model)
     except BaseException:
         await app.stop(0)
         raise
-    repository.finish_loading(loaded)
-    await _announce_models(health_servicer, repository)
+    if manager.mode is ControlMode.POLL:
+        manager.start_polling(settings.poll_interval_seconds)
     _log_startup(repository, address, port, metrics_port)
+    logger.info(
+        "model control %s%s, model-control API %s",
+        settings.model_control,
+        f" (every {settings.poll_interval_seconds:g} s)"
+        if manager.mode is ControlMode.POLL
+        else "",
+        "off"
+        if settings.model_control_api == "off"
+        else "on, bearer token required"
+        if control_token is not None
+        else "on, no token",
+    )
     logger.info(
         "%s, %s",
         "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS",
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
-
-
-def _model_folders(root: Path) -> list[str]:
-    """The models the repository holds, by folder name, known before any of them loads."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-async def _announce_models(health_servicer: HealthServicer, repository: ModelRepository) -> None:
-    """Loaded models turn SERVING, and the server as a whole when at least one loaded.
-
-    A model that failed to load answers NOT_SERVING rather than "unknown service".
-    """
-    failed_only = {f.model for f in repository.failures} - set(repository.names())
-    for name in sorted(failed_only):
-        await health_servicer.set(name, NOT_SERVING)
-    for name in repository.names():
-        await health_servicer.set(name, SERVING)
-    if repository.names():
-        for name in ("", INFERENCE_SERVICE):
-            await health_servicer.set(name, SERVING)
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

@@ -92,7 +92,13 @@ class Pipeline:
 
     async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
         """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
-        model = self.repository.get(call.model, call.version)
+        # Held for the whole call, so a swap or an unload lets it finish on this version.
+        with self.repository.use(call.model, call.version) as model:
+            return await self._predict(model, call, deadline)
+
+    async def _predict(
+        self, model: LoadedModel, call: PredictCall, deadline: float | None
+    ) -> PredictOutcome:
         refuse_foreign_options(model.config.task, call.options)
         resolved = resolve_options(model.config, call.options)
         if not call.images:
