@@ -38,6 +38,8 @@ from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
+from .oip import CONTROL_METHODS as OIP_CONTROL_METHODS
+from .oip import INFERENCE_METHODS as OIP_INFERENCE_METHODS
 from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
 from .oip import OpenInferenceServicer
 from .pipeline import Pipeline
@@ -112,13 +114,24 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         if auth_token is None
         else [
             BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
-            BearerTokenInterceptor(auth_token, OPEN_INFERENCE_SERVICE, metrics, ("ModelInfer",)),
+            BearerTokenInterceptor(
+                auth_token,
+                OPEN_INFERENCE_SERVICE,
+                metrics,
+                ("ModelInfer",),
+                methods=OIP_INFERENCE_METHODS,
+            ),
         ]
     )
     if settings.model_control_api == "on" and control_token is not None:
         # Its own token: a client trusted to predict is not thereby trusted to unload.
         interceptors.append(
             BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
+        )
+        interceptors.append(
+            BearerTokenInterceptor(
+                control_token, OPEN_INFERENCE_SERVICE, metrics, (), methods=OIP_CONTROL_METHODS
+            )
         )
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -130,9 +143,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OpenInferenceServicer(pipeline, repository, health_servicer, metrics), server
-    )
     for name in ["", INFERENCE_SERVICE, *(p.name for p in model_folders(settings.repository))]:
         await health_servicer.set(name, NOT_SERVING)
     runtime_options = RuntimeOptions(
@@ -157,6 +167,17 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         mode=ControlMode(settings.model_control),
         metrics=metrics,
         on_serving_changed=serving_changed,
+    )
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(
+            pipeline,
+            repository,
+            health_servicer,
+            metrics,
+            manager,
+            model_control=settings.model_control_api == "on",
+        ),
+        server,
     )
     services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
     if settings.model_control_api == "on":
