@@ -3,7 +3,7 @@
 Order: the metrics, the servicers (visionrpc.v1 and the Open Inference Protocol's
 ``inference.GRPCInferenceService``, one pipeline under both) over a repository that is
 still loading,
-``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.Inference``, and one service per
+``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
 Prometheus endpoint; then load the models (sessions and warm-up) and turn health
@@ -51,7 +51,7 @@ from .settings import ServerSettings, TLSFiles
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
     "ModelControlService"
 ].full_name
@@ -140,7 +140,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ["", INFERENCE_SERVICE, *(p.name for p in model_folders(settings.repository))]:

@@ -59,9 +59,9 @@ def client(server: RunningServer) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture
-def v1(server: RunningServer) -> Iterator[pb_grpc.InferenceStub]:
+def v1(server: RunningServer) -> Iterator[pb_grpc.InferenceServiceStub]:
     with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.InferenceStub(channel)
+        yield pb_grpc.InferenceServiceStub(channel)
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> bytes:
@@ -120,7 +120,7 @@ def test_health_metadata_config_and_index_calls_answer(
 
 
 def test_classification_answers_equal_visionrpc_v1(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [png(colour) for colour in COLOURS]
     result = client.infer("colors", [encoded_input(data)], parameters={"top_k": 2})
@@ -142,7 +142,7 @@ def test_classification_answers_equal_visionrpc_v1(
 
 
 def test_multilabel_answers_equal_visionrpc_v1_with_per_class_thresholds(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [png((200, 150, 40)), png((20, 30, 220))]
     result = client.infer(
@@ -176,7 +176,7 @@ def test_multilabel_answers_equal_visionrpc_v1_with_per_class_thresholds(
 
 
 def test_points_answer_in_original_pixels_equal_visionrpc_v1(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [dot_png((8.5, 6.5)), dot_png((20.5, 15.5))]
     result = client.infer("centroid", [encoded_input(data)])
