@@ -133,7 +133,7 @@ def sender(
 ) -> Callable[[float | None], Awaitable[object]]:
     """One single-image call of ``protocol`` (v1 Predict or v2 ModelInfer), given a timeout."""
     if protocol == "v1":
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         request = pb.PredictRequest(model=MODEL, images=[pb.Image(encoded=image)])
         return lambda timeout: stub.Predict(request, timeout=timeout)
     v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
