@@ -22,6 +22,11 @@ generated photos), then:
 4. measures raw onnxruntime again: on a shared machine the two raw figures show the
    noise. Ratios are to the raw best measured before.
 
+``--protocol v2`` drives the Open Inference Protocol's ModelInfer (a BYTES ``images``
+tensor in ``raw_input_contents``, as tritonclient sends it) instead of Predict, for the
+JPEG inputs; ``--protocol both`` runs the two side by side on one server, alternating
+per row, and prints the v2/v1 ratio of each.
+
 ``--server-flag`` passes flags to ``visionrpc serve`` (e.g. ``--server-flag=--intra-op-
 spinning=on``) to compare thread settings in the same way.
 """
@@ -33,13 +38,14 @@ import asyncio
 import io
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +58,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from visionrpc.server.cpus import usable_cpus
 from visionrpc.server.model_config import (
     ModelConfig,
@@ -202,6 +210,7 @@ def raw_onnxruntime(
 class LoadResult:
     model: str
     input: str
+    protocol: str
     concurrency: int
     images_per_second: float
     p50_ms: float
@@ -212,15 +221,36 @@ class LoadResult:
     mean_batch: float
 
 
+def sender(
+    channel: grpc.aio.Channel, model: str, image: pb.Image, protocol: str
+) -> Callable[[], Awaitable[object]]:
+    """One single-image call of ``protocol`` (v1 Predict or v2 ModelInfer)."""
+    if protocol == "v1":
+        stub = pb_grpc.InferenceServiceStub(channel)
+        request = pb.PredictRequest(model=model, images=[image])
+        return lambda: stub.Predict(request, timeout=60)
+    v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    infer = v2.ModelInferRequest(model_name=model)
+    infer.inputs.add(name="images", datatype="BYTES", shape=[1])
+    infer.raw_input_contents.append(struct.pack("<I", len(image.encoded)) + image.encoded)
+    return lambda: v2_stub.ModelInfer(infer, timeout=60)
+
+
 async def drive(
-    address: str, request: pb.PredictRequest, concurrency: int, warmup: float, seconds: float
+    address: str,
+    model: str,
+    image: pb.Image,
+    protocol: str,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
 ) -> tuple[float, list[float], int]:
     """C clients, each sending one request after another; completions in the window count."""
     latencies: list[float] = []
     errors = 0
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        await stub.Predict(request, timeout=60)
+        send = sender(channel, model, image, protocol)
+        await send()
         window_start = time.perf_counter() + warmup
         window_end = window_start + seconds
 
@@ -229,7 +259,7 @@ async def drive(
             while time.perf_counter() < window_end:
                 sent = time.perf_counter()
                 try:
-                    await stub.Predict(request, timeout=60)
+                    await send()
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
@@ -266,13 +296,15 @@ def measure(
     metrics_port: int,
     model: str,
     kind: str,
+    protocol: str,
     concurrency: int,
     args: argparse.Namespace,
 ) -> LoadResult:
-    request = pb.PredictRequest(model=model, images=[request_image(kind)])
     before = batch_histogram(metrics_port, model)
     rate, latencies, errors = asyncio.run(
-        drive(address, request, concurrency, args.warmup, args.duration)
+        drive(
+            address, model, request_image(kind), protocol, concurrency, args.warmup, args.duration
+        )
     )
     after = batch_histogram(metrics_port, model)
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
@@ -287,6 +319,7 @@ def measure(
     return LoadResult(
         model=model,
         input=kind,
+        protocol=protocol,
         concurrency=concurrency,
         images_per_second=rate,
         p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
@@ -366,6 +399,10 @@ def main() -> int:
         "--quick", action="store_true", help="a smoke run: 2 s windows, C = 1 and 32"
     )
     parser.add_argument("--server-flag", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--protocol", choices=("v1", "v2", "both"), default="v1",
+        help="visionrpc.v1 Predict, Open Inference Protocol ModelInfer (JPEG rows), or both",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.duration, args.warmup, args.raw_duration = 2.0, 0.5, 1.0
@@ -394,14 +431,22 @@ def main() -> int:
         process = start_server(repository, port, metrics_port, log, args.server_flag)
         results: list[LoadResult] = []
         try:
-            for name in models:
-                for kind in args.inputs:
-                    for concurrency in args.concurrency:
-                        result = measure(
-                            f"127.0.0.1:{port}", metrics_port, name, kind, concurrency, args
-                        )
-                        results.append(result)
-                        print(format_row(result, raw_before[name].best[1]), flush=True)
+            protocols = ["v1", "v2"] if args.protocol == "both" else [args.protocol]
+            rows = [
+                (name, kind, concurrency, protocol)
+                for name in models
+                for kind in args.inputs
+                for concurrency in args.concurrency
+                for protocol in protocols
+                # The v2 rows send encoded files only.
+                if not (protocol == "v2" and kind.startswith("raw"))
+            ]
+            for name, kind, concurrency, protocol in rows:
+                result = measure(
+                    f"127.0.0.1:{port}", metrics_port, name, kind, protocol, concurrency, args
+                )
+                results.append(result)
+                print(format_row(result, raw_before[name].best[1]), flush=True)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -420,7 +465,7 @@ def main() -> int:
 def format_row(result: LoadResult, raw_best: float) -> str:
     sizes = " ".join(f"{key}:{count}" for key, count in result.batch_sizes.items())
     return (
-        f"{result.model:<14} {result.input:<15} C={result.concurrency:<3} "
+        f"{result.model:<14} {result.protocol} {result.input:<15} C={result.concurrency:<3} "
         f"{result.images_per_second:7.1f} img/s ({result.images_per_second / raw_best:4.2f})  "
         f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
         f"mean batch {result.mean_batch:4.1f}  batches {sizes}"
@@ -449,7 +494,8 @@ def print_summary(
         rows: dict[str, dict[int, LoadResult]] = {}
         for result in results:
             if result.model == name:
-                rows.setdefault(result.input, {})[result.concurrency] = result
+                label = result.input if result.protocol == "v1" else f"{result.input} (v2)"
+                rows.setdefault(label, {})[result.concurrency] = result
         for kind, by_level in rows.items():
             cells = [
                 f"{by_level[c].images_per_second:.1f} ({by_level[c].images_per_second / best:.2f})"
@@ -464,6 +510,20 @@ def print_summary(
                     f"{kind}: p50 at C=1 {p50:.1f} ms, raw batch-1 p50 "
                     f"{raw.best_batch1_p50_ms:.1f} ms ({p50 - raw.best_batch1_p50_ms:+.1f} ms)"
                 )
+    v1 = {(r.model, r.input, r.concurrency): r for r in results if r.protocol == "v1"}
+    pairs = [
+        (v1[(r.model, r.input, r.concurrency)], r)
+        for r in results
+        if r.protocol == "v2" and (r.model, r.input, r.concurrency) in v1
+    ]
+    if pairs:
+        print("\nv2/v1 images/s: model, input, C, v1, v2, v2/v1")
+    for first, second in pairs:
+        print(
+            f"{first.model} {first.input} C={first.concurrency}: {first.images_per_second:.1f} "
+            f"{second.images_per_second:.1f} "
+            f"{second.images_per_second / first.images_per_second:.3f}"
+        )
     if INT8_MODEL in raw_before and MODEL in raw_before:
         speedup = raw_before[INT8_MODEL].best[1] / raw_before[MODEL].best[1]
         print(f"\nraw int8 / float throughput: {speedup:.2f}x")

@@ -6,16 +6,21 @@ thresholds and TTA), and is counted in the same metrics and access log. The tens
 mapping lives in ``oip_codec``. Readiness follows ``grpc.health.v1``: a draining server,
 or a model that is not SERVING, is not ready.
 
-The repository extension's index lists what the repository holds; loading and unloading
-models at run time is not available yet, and says so (UNIMPLEMENTED).
+The repository extension goes to the ``ModelManager``: RepositoryIndex always (every
+model folder, each version's state), RepositoryModelLoad and Unload only where the model
+control API is on (``--model-control-api on``; app.py guards those two with the control
+token, not the inference one); elsewhere they answer UNIMPLEMENTED saying how to enable them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 
 import visionrpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
@@ -26,8 +31,9 @@ from .errors import InvalidInput, VisionRPCError
 from .health import SERVING, HealthServicer
 from .logging_setup import request_log
 from .metrics import ServerMetrics
+from .model_manager import ModelManager
 from .pipeline import Pipeline, PredictOutcome
-from .repository import LoadedModel, ModelRepository
+from .repository import LoadedModel, ModelRepository, VersionState
 from .service import (
     STATUS_CODES,
     Context,
@@ -41,10 +47,18 @@ from .service import (
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "visionrpc"
 # Triton's extension names, for what this server answers beyond the core protocol.
-EXTENSIONS = ("model_configuration", "parameters")
+EXTENSIONS = ("model_configuration", "model_repository", "parameters")
+# The repository extension's calls that change what serves: the model control API's.
+CONTROL_METHODS = ("RepositoryModelLoad", "RepositoryModelUnload")
+# The rest, which the inference token guards.
+INFERENCE_METHODS = tuple(
+    method.name
+    for method in v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
+    if method.name not in CONTROL_METHODS
+)
 NO_MODEL_CONTROL = (
-    "model control is not available: this server loads its repository at start, "
-    "so restart it to add, remove or reload models"
+    "model control is off on this server: start it with --model-control-api on "
+    "(and --model-control explicit) to load and unload models"
 )
 
 
@@ -55,11 +69,17 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         repository: ModelRepository,
         health: HealthServicer,
         metrics: ServerMetrics,
+        manager: ModelManager,
+        *,
+        model_control: bool,
     ) -> None:
+        """``model_control``: whether RepositoryModelLoad and Unload may change what serves."""
         self._pipeline = pipeline
         self._repository = repository
         self._health = health
         self._metrics = metrics
+        self._manager = manager
+        self._model_control = model_control
 
     async def ServerLive(
         self, request: v2.ServerLiveRequest, context: Context
@@ -128,27 +148,55 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.RepositoryIndexRequest, context: Context
     ) -> v2.RepositoryIndexResponse:
         index = v2.RepositoryIndexResponse()
-        for model in self._repository.loaded():
-            index.models.add(name=model.name, version=str(model.version), state="READY")
-        if not request.ready:
-            for failure in self._repository.failures:
-                # The reason names server paths, so it stays in the server's log.
+        for status in await self._manager.index():
+            if not status.versions and not request.ready:
+                index.models.add(name=status.name, state=status.state.value, reason=status.reason)
+            for version in status.versions:
+                if request.ready and version.state is not VersionState.READY:
+                    continue
                 index.models.add(
-                    name=failure.model,
-                    state="UNAVAILABLE",
-                    reason="failed to load (the server log says why)",
+                    name=status.name,
+                    version=str(version.version),
+                    state=version.state.value,
+                    reason=version.reason or status.reason,
                 )
         return index
 
     async def RepositoryModelLoad(
         self, request: v2.RepositoryModelLoadRequest, context: Context
     ) -> v2.RepositoryModelLoadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MODEL_CONTROL)
+        await self._control(self._manager.load, request.model_name, request.parameters, context)
+        return v2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: v2.RepositoryModelUnloadRequest, context: Context
     ) -> v2.RepositoryModelUnloadResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MODEL_CONTROL)
+        await self._control(self._manager.unload, request.model_name, request.parameters, context)
+        return v2.RepositoryModelUnloadResponse()
+
+    async def _control(
+        self,
+        action: Callable[[str], Awaitable[object]],
+        name: str,
+        parameters: Mapping[str, v2.ModelRepositoryParameter],
+        context: Context,
+    ) -> None:
+        if not self._model_control:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_MODEL_CONTROL)
+        # Models have no dependents here (no ensembles), so tritonclient's unload_dependents
+        # changes nothing; Triton's config overrides and file uploads are refused: models
+        # load from their folder only.
+        unsupported = sorted(set(parameters) - {"unload_dependents"})
+        if unsupported:
+            listed = ", ".join(oip_codec.quoted(key) for key in unsupported)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"parameters: not supported ({listed})"
+            )
+        try:
+            await action(name)
+        except VisionRPCError as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
 
     async def _model(self, name: str, version: str, context: Context) -> LoadedModel:
         try:
@@ -187,6 +235,30 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         )
 
 
+def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """One pool with the served files, this protocol's and their imports, for reflection.
+
+    The Open Inference Protocol's file lives in a pool of its own (see protos/generate.py),
+    where server reflection, which reads one pool, would not find it otherwise.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+
+    for file in (*served, v2.DESCRIPTOR):
+        add(file)
+    return pool
+
+
 def _fail_when_every_image_failed(outcome: PredictOutcome) -> None:
     """With no image answered there is nothing to return: the first image's error is the call's."""
     errors = [result for result in outcome.results if isinstance(result, VisionRPCError)]
@@ -201,4 +273,10 @@ def _image_count(request: v2.ModelInferRequest) -> int:
     return max(0, int(request.inputs[0].shape[0]))
 
 
-__all__ = ["SERVICE_NAME", "OpenInferenceServicer"]
+__all__ = [
+    "CONTROL_METHODS",
+    "INFERENCE_METHODS",
+    "SERVICE_NAME",
+    "OpenInferenceServicer",
+    "reflection_pool",
+]

@@ -61,7 +61,7 @@ def v1_options(model: str, tta: bool) -> pb.PredictionOptions:
 
 def v1_predict(demo: Demo, model: str, tta: bool) -> pb.PredictResponse:
     with grpc.insecure_channel(demo.server.address) as channel:
-        return pb_grpc.InferenceStub(channel).Predict(
+        return pb_grpc.InferenceServiceStub(channel).Predict(
             pb.PredictRequest(
                 model=model,
                 images=[pb.Image(encoded=data) for data in demo.images[model]],

@@ -61,7 +61,7 @@ def test_quantize_adds_an_int8_version_the_server_serves_with_the_metric_it_prin
         server_in_thread(repository) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         info = stub.GetModelInfo(pb.GetModelInfoRequest(model="pets"), timeout=30)
         assert info.version == "2"  # the newest version: int8 serves by default
         run = evaluate_served(stub, info, read_dataset("pets", pets), tta=False)
