@@ -1,12 +1,12 @@
 """Datasets to PyTorch DataLoaders: presized training items, server-identical validation items.
 
-Training items are decoded with the server's ``load_image`` and presized on the CPU with
-its ``prepare`` (larger than the model's input, fastai's presizing); with ``crop`` the
+Training items are decoded with the server's ``decode_for_model`` and presized on the CPU
+with its ``prepare`` (larger than the model's input, fastai's presizing); with ``crop`` the
 presize window sits at a random position in the picture each time an item is drawn, as
 fastai's training-split RandomCrop. The learner moves a batch to the device and calls
-``augment_batch``, which crops to the final size. Validation
-items take exactly the server's path, ``prepare(load_image(bytes), spec)``, so a metric
-measured here is the metric of the served model.
+``augment_batch``, which crops to the final size. Validation items take exactly the
+server's path, ``prepare(decode_for_model(bytes, spec), spec)`` (a large JPEG decoded at a
+reduced scale included), so a metric measured here is the metric of the served model.
 
 Batches are ``(uint8 [N, H, W, 3], targets)``: int64 class indices (classification),
 float multi-hot ``[N, C]`` (multilabel), or float ``[N, K, 2]`` points normalised to the
@@ -23,13 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from visionrpc.server.model_config import InputSpec
-from visionrpc.server.preprocess import Geometry, load_image, prepare
+from visionrpc.server.preprocess import Geometry, decode_for_model, input_geometry, prepare
 
 from .datasets import Dataset, Item
 
@@ -95,9 +94,11 @@ class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
         """The item's pixels (covering the spec with ``random_crop``) and their geometry."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        image = load_image(self.items[index].path.read_bytes())
-        spec = _covering(image.width, image.height, self.spec) if self.random_crop else self.spec
-        pixels, geometry = prepare(image, spec)
+        decoded = decode_for_model(self.items[index].path.read_bytes(), self.spec)
+        spec = self.spec
+        if self.random_crop:
+            spec = _covering(decoded.image.width, decoded.image.height, self.spec)
+        pixels, geometry = prepare(decoded, spec)
         # PIL's arrays are read-only, which torch tensors cannot express.
         example = torch.from_numpy(pixels.copy()), geometry
         if self.cache is not None:
@@ -205,13 +206,7 @@ def _covering(width: int, height: int, spec: InputSpec) -> InputSpec:
 
 def _geometry(item: Item, spec: InputSpec) -> Geometry:
     """The geometry ``prepare`` gives this item, from its header alone (no full decode)."""
-    with Image.open(item.path) as image:
-        width, height = image.size
-        # EXIF orientations 5..8 turn the picture a quarter: load_image swaps its sides.
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            width, height = height, width
-    # prepare's geometry depends only on the size, so a blank image of that size gives it.
-    return prepare(Image.new("L", (width, height)), spec)[1]
+    return input_geometry(item.path.read_bytes(), spec)
 
 
 def _as_tuple(target: int | tuple[int, ...] | tuple[float, ...]) -> tuple[int | float, ...]:

@@ -36,7 +36,7 @@ GARBAGE = b"these bytes are not an image"
 PATIENT_DELAY_MS = 1000
 
 # The async stub type exists only in the generated .pyi, hence the quotes.
-Served = tuple[RunningServer, "pb_grpc.InferenceAsyncStub"]
+Served = tuple[RunningServer, "pb_grpc.InferenceServiceAsyncStub"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_channel_mean_classifier(
         root,
         "patient",
-        batching={"max_queue_delay_ms": PATIENT_DELAY_MS, "max_queue_size": 2},
+        batching={
+            "max_queue_delay_ms": PATIENT_DELAY_MS,
+            "max_queue_size": 2,
+            "wait_when_idle": True,
+        },
     )
     write_corrupt_onnx(root, config_dict("broken", "classification", ("a", "b", "c"), 8))
     return root
@@ -60,7 +64,7 @@ async def served(repository: Path) -> AsyncIterator[Served]:
         running_server(repository, metrics=True) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        yield server, pb_grpc.InferenceStub(channel)
+        yield server, pb_grpc.InferenceServiceStub(channel)
 
 
 def reader(server: RunningServer) -> Callable[..., float | None]:

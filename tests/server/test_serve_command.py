@@ -31,7 +31,9 @@ SERVE_COMMAND = [
 def serving_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     root = tmp_path / "models"
     # Each request waits 1.5 s in the queue, long enough to still be in flight at SIGTERM.
-    write_channel_mean_classifier(root, batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     port = free_port()
     process = subprocess.Popen(
         [*SERVE_COMMAND, "--repository", str(root), "--port", str(port)],
@@ -69,7 +71,7 @@ def test_sigterm_finishes_the_call_in_flight_and_exits_zero(
     wait_until_serving(address)
     outcome: dict[str, object] = {}
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
 
         def call() -> None:
             try:
