@@ -49,3 +49,9 @@ def get_kind(name: str) -> DatasetKind:
         return KINDS[name]
     except KeyError:
         raise ValueError(f"unknown dataset kind {name!r}: use one of {', '.join(KINDS)}") from None
+
+
+def kind_of_task(task: str) -> str:
+    """The one registered kind of this task, for models trained before kinds were recorded."""
+    (kind,) = [k.name for k in KINDS.values() if k.task == task]
+    return kind

@@ -204,3 +204,31 @@ def test_a_split_option_of_another_kind_and_a_bad_augmentation_are_refused(
     assert "--valid-person applies to biwi only, not pets" in capsys.readouterr().err
     assert main([*argv, "--lr", "1e-2", "--min-scale", "0"]) == 1
     assert "min_scale must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked", "extra"),
+    [
+        (["train", "demo", "--repository", "r"], "PIL", "train"),
+        (["train", "make-data", "pets", "d"], "numpy", "train"),
+        (["serve", "--repository", "r"], "onnxruntime", "server"),
+    ],
+)
+def test_a_missing_module_names_the_extra_that_brings_it(
+    argv: list[str], blocked: str, extra: str, tmp_path: Path
+) -> None:
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {blocked!r}:\n"
+        "            raise ModuleNotFoundError(f'no {name}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from visionrpc.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"pip install 'visionrpc[{extra}]'" in result.stderr
