@@ -475,13 +475,13 @@ def test_reflection_lists_and_describes_the_open_inference_service(
         reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="inference.GRPCInferenceService"
         ),
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="visionrpc.v1.Inference"),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="visionrpc.v1.InferenceService"),
     ]
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         listed, described, v1_described = list(stub.ServerReflectionInfo(iter(requests)))
     names = {service.name for service in listed.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "visionrpc.v1.Inference"} <= names
+    assert {"inference.GRPCInferenceService", "visionrpc.v1.InferenceService"} <= names
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in described.file_descriptor_response.file_descriptor_proto
