@@ -185,7 +185,7 @@ def _label_scores(entries: Sequence[pb.LabelScore]) -> tuple[LabelScore, ...]:
 
 def image_message(index: int, name: str, message: str) -> str:
     """A per-image message: its position in the caller's input, and its file when known."""
-    where = f"image {index}" if not name or name == "bytes" else f"image {index} ({name})"
+    where = f"image {index} ({name})" if name else f"image {index}"
     return f"{where}: {message}"
 
 

@@ -10,7 +10,8 @@ The mapping, which ModelMetadata's ``parameters`` and the README repeat:
 - **Options**: request ``parameters`` named as visionrpc.v1's options: ``top_k``,
   ``tta_views`` (integers), ``threshold``, ``min_confidence`` (numbers), ``tta``,
   ``all_scores`` (booleans) and ``threshold.<label>`` (a number per label). A parameter
-  of the wrong type or value, or an unknown one, is INVALID_ARGUMENT naming it. Triton's
+  of the wrong type or value, an unknown one, or one of another task's (``top_k`` for a
+  multilabel model...) is INVALID_ARGUMENT naming it. Triton's
   scheduling hints ``priority`` and ``timeout`` are accepted and ignored.
 - **Outputs**: the task's typed tensors (``tasks.<task>.v2_outputs``), plus
   ``tta_views`` INT32 ``[N]``, ``original_size`` INT32 ``[N, 2]`` (width, height) and
@@ -234,6 +235,7 @@ def in_parameter_terms(error: InvalidInput) -> InvalidInput:
         lambda match: f"parameters[{quoted('threshold.' + match.group(1))}]",
         error.message,
     )
+    message = re.sub(r"^options\.class_thresholds\b", "parameters['threshold.<label>']", message)
     message = re.sub(r"^options\.(\w+)", r"parameters['\1']", message)
     return InvalidInput(message)
 

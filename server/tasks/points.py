@@ -37,6 +37,11 @@ class PointsResult:
     points: list[PointResult]
 
 
+def output_width(config: ModelConfig) -> int:
+    """Two floats per point, ``x0, y0, x1, y1, ...``, each in [-1, 1]."""
+    return 2 * len(config.labels)
+
+
 def postprocess(
     config: ModelConfig,
     resolved: ResolvedOptions,

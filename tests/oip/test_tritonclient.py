@@ -276,6 +276,20 @@ def test_a_bad_parameter_is_invalid_argument_naming_it(
     assert f"parameters[{named}]" in raised.value.message()
 
 
+def test_a_parameter_of_another_task_is_invalid_argument_naming_it(
+    client: triton.InferenceServerClient,
+) -> None:
+    for model, parameters, named in (
+        ("centroid", {"threshold.x": 0.3}, "'threshold.<label>'"),
+        ("channels", {"top_k": 2}, "'top_k'"),
+        ("colors", {"threshold": 0.5}, "'threshold'"),
+    ):
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer(model, [encoded_input([png(COLOURS[0])])], parameters=parameters)
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert raised.value.message().startswith(f"parameters[{named}]: does not apply")
+
+
 def test_an_unknown_output_is_refused_before_any_image_is_decoded(
     client: triton.InferenceServerClient, server: RunningServer
 ) -> None:
@@ -475,13 +489,15 @@ def test_reflection_lists_and_describes_the_open_inference_service(
         reflection_pb2.ServerReflectionRequest(
             file_containing_symbol="inference.GRPCInferenceService"
         ),
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="visionrpc.v1.Inference"),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="visionrpc.v1.InferenceService"
+        ),
     ]
     with grpc.insecure_channel(server.address) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         listed, described, v1_described = list(stub.ServerReflectionInfo(iter(requests)))
     names = {service.name for service in listed.list_services_response.service}
-    assert {"inference.GRPCInferenceService", "visionrpc.v1.Inference"} <= names
+    assert {"inference.GRPCInferenceService", "visionrpc.v1.InferenceService"} <= names
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in described.file_descriptor_response.file_descriptor_proto
