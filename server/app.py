@@ -118,7 +118,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
                 auth_token,
                 OPEN_INFERENCE_SERVICE,
                 metrics,
-                ("ModelInfer",),
+                ("ModelInfer", "ModelStreamInfer"),
                 methods=OIP_INFERENCE_METHODS,
             ),
         ]
@@ -176,6 +176,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             metrics,
             manager,
             model_control=settings.model_control_api == "on",
+            stream_max_in_flight=settings.stream_max_in_flight,
         ),
         server,
     )

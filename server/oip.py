@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -72,8 +72,10 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         manager: ModelManager,
         *,
         model_control: bool,
+        stream_max_in_flight: int,
     ) -> None:
         """``model_control``: whether RepositoryModelLoad and Unload may change what serves."""
+        self._stream_max_in_flight = stream_max_in_flight
         self._pipeline = pipeline
         self._repository = repository
         self._health = health
@@ -126,23 +128,85 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         with self._metrics.in_flight(request.model_name):
             try:
-                infer = oip_codec.infer_call(request)
-                # Checked before any work; an unknown model fails here as in the pipeline.
-                model = self._repository.get(infer.call.model, infer.call.version)
-                oip_codec.check_outputs(model.config, infer.outputs)
-                outcome = await self._pipeline.predict(infer.call, _deadline(context))
-                response = oip_codec.infer_response(outcome, request, infer.outputs)
-                _fail_when_every_image_failed(outcome)
+                response, outcome = await self._infer(request, _deadline(context))
             except asyncio.CancelledError:
                 self._finished(request, _cancellation_code(context), started, request_id)
                 raise
             except Exception as exc:
-                error = oip_codec.in_parameter_terms(exc) if isinstance(exc, InvalidInput) else exc
-                code, message = status_of(error)
+                code, message = status_of(_in_request_terms(exc))
                 self._finished(request, code, started, request_id)
                 await context.abort(code, message)
         self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
         return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[v2.ModelInferRequest], context: Context
+    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        """Triton's stream: answers in completion order, at most ``stream_max_in_flight`` at once.
+
+        A request's failure is its own response's ``error_message`` ("<STATUS>: <why>"); the
+        stream goes on. A slot frees only once its answer is sent, so a client that stops
+        reading stops the server from reading more of its requests.
+        """
+        request_id = await _exchange_request_id(context)
+        deadline = _deadline(context)
+        answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_in_flight)
+
+        async def answer(request: v2.ModelInferRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request, deadline, request_id))
+
+        async def read_requests() -> None:
+            in_flight: set[asyncio.Task[None]] = set()
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                for task in in_flight:
+                    task.cancel()
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+            await reader
+        finally:
+            reader.cancel()
+
+    async def _stream_answer(
+        self, request: v2.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> v2.ModelStreamInferResponse:
+        started = time.perf_counter()
+        with self._metrics.in_flight(request.model_name):
+            try:
+                response, outcome = await self._infer(request, deadline)
+            except Exception as exc:
+                code, message = status_of(_in_request_terms(exc))
+                self._finished(request, code, started, request_id)
+                return v2.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        if oip_codec.FINAL_RESPONSE_WANTED in request.parameters:
+            # Each request has exactly one response here, so every response is the final one.
+            response.parameters[oip_codec.FINAL_RESPONSE].bool_param = True
+        return v2.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(
+        self, request: v2.ModelInferRequest, deadline: float | None
+    ) -> tuple[v2.ModelInferResponse, PredictOutcome]:
+        infer = oip_codec.infer_call(request)
+        # Checked before any work; an unknown model fails here as in the pipeline.
+        model = self._repository.get(infer.call.model, infer.call.version)
+        oip_codec.check_outputs(model.config, infer.outputs)
+        outcome = await self._pipeline.predict(infer.call, deadline)
+        response = oip_codec.infer_response(outcome, request, infer.outputs)
+        _fail_when_every_image_failed(outcome)
+        return response, outcome
 
     async def RepositoryIndex(
         self, request: v2.RepositoryIndexRequest, context: Context
@@ -257,6 +321,10 @@ def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.Descrip
     for file in (*served, v2.DESCRIPTOR):
         add(file)
     return pool
+
+
+def _in_request_terms(error: Exception) -> Exception:
+    return oip_codec.in_parameter_terms(error) if isinstance(error, InvalidInput) else error
 
 
 def _fail_when_every_image_failed(outcome: PredictOutcome) -> None:
