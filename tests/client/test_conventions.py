@@ -18,7 +18,7 @@ from tests.client.conftest import random_images, solid, write_test_models
 from tests.client.scripted_server import MetadataRecorder, inference_server
 from tests.client.test_cli import visionrpc
 from tests.helpers.server import RunningServer, free_port, running_server, tls_settings
-from tests.helpers.tls import Certificates
+from tests.helpers.tls import Certificates, make_certificates
 from visionrpc.client import (
     Classification,
     Client,
@@ -26,6 +26,7 @@ from visionrpc.client import (
     InvalidInputError,
     ModelNotFoundError,
     RetryPolicy,
+    TLSConfig,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -212,6 +213,12 @@ async def test_tls_mistakes_are_named_and_local_ones_exit_2(
             pytest.raises(UnavailableError) as plaintext,
         ):
             await asyncio.to_thread(plaintext_client.models, timeout=3)
+        other_ca = TLSConfig(root_certificates=make_certificates().ca.certificate)
+        with (
+            Client(secure.address, tls=other_ca, retries=None) as untrusting_client,
+            pytest.raises(UnavailableError) as untrusted,
+        ):
+            await asyncio.to_thread(untrusting_client.models, timeout=3)
     assert (local.returncode, local.stdout) == (2, "")
     assert local.stderr.splitlines() == [
         "visionrpc models: INVALID_ARGUMENT: TLS: root_certificates is not a PEM certificate "
@@ -221,6 +228,7 @@ async def test_tls_mistakes_are_named_and_local_ones_exit_2(
     (line,) = to_plaintext.stderr.splitlines()
     assert "TLS handshake failed: the server does not speak TLS" in line
     assert "if it expects TLS, connect with TLS" in plaintext.value.message
+    assert "certificate is not signed by the trusted CA" in untrusted.value.message
 
 
 def test_a_flag_that_wants_a_number_says_so(server: RunningServer) -> None:
