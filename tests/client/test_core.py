@@ -99,7 +99,7 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
                 tta_applied=True,
                 tta_views=3,
             ),
-            pb.ImageResult(points=pb.Points(points=[pb.Point(name="c", x=1.5, y=2.5)])),
+            pb.ImageResult(points=pb.PointList(points=[pb.Point(name="c", x=1.5, y=2.5)])),
             pb.ImageResult(error=pb.ErrorStatus(code=3, message="not an image")),
         ],
     )
