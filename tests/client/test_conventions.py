@@ -20,6 +20,7 @@ from tests.client.test_cli import visionrpc
 from tests.helpers.server import RunningServer, free_port, running_server, tls_settings
 from tests.helpers.tls import Certificates, make_certificates
 from visionrpc.client import (
+    AsyncClient,
     Classification,
     Client,
     ImageError,
@@ -154,6 +155,35 @@ def test_predict_many_keeps_its_results_when_the_server_dies(
     assert results[: len(answered)] == answered
     assert {error.code for error in lost} == {"UNAVAILABLE"}
     assert [error.index for error in lost] == list(range(len(answered), 40))
+
+
+async def test_the_async_client_keeps_its_results_when_the_server_dies(
+    serve_process: tuple[list[str], str],
+) -> None:
+    command, address = serve_process
+    process = await asyncio.to_thread(start_serving, command, address)
+
+    def kill_after_the_first_answer(done: int, total: int) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+
+    try:
+        async with AsyncClient(address, retries=None, timeout=20) as client:
+            results = await client.predict_many(
+                "colors",
+                random_images(40),
+                batch_size=4,
+                max_in_flight=1,
+                progress=kill_after_the_first_answer,
+            )
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    answered = sum(isinstance(result, Classification) for result in results)
+    assert 4 <= answered < 40
+    lost = results[answered:]
+    assert all(isinstance(error, ImageError) and error.code == "UNAVAILABLE" for error in lost)
 
 
 def test_predict_many_resumes_on_a_new_stream_after_a_restart(
