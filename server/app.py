@@ -17,20 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
+from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
+from .interceptors import ObservabilityInterceptor
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
@@ -42,8 +45,6 @@ from .settings import ServerSettings, TLSFiles
 logger = logging.getLogger(__name__)
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-# The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
-PREDICT_METHODS = ("Predict", "PredictStream")
 
 
 @dataclass
@@ -85,13 +86,21 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         metrics,
     )
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight
     )
-    interceptors = (
-        []
-        if auth_token is None
-        else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)]
+    observability = ObservabilityInterceptor(
+        metrics,
+        _version_resolver(repository),
+        (
+            pb.DESCRIPTOR.services_by_name["Inference"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
     )
+    # The first interceptor wraps the others, so calls refused for their token are
+    # observed like any other.
+    interceptors: list[Any] = [observability]
+    if auth_token is not None:
+        interceptors.append(BearerTokenInterceptor(auth_token, INFERENCE_SERVICE))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -153,6 +162,19 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
+
+
+def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
+    """The version a failed request was for: the newest when it named none and the model
+    is known, else what it asked for."""
+
+    def resolve(model: str, version: str) -> str:
+        try:
+            return str(repository.get(model, version or None).version)
+        except VisionRPCError:
+            return version
+
+    return resolve
 
 
 def _model_folders(root: Path) -> list[str]:

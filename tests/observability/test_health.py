@@ -205,7 +205,11 @@ def test_sigterm_turns_health_not_serving_while_the_call_in_flight_completes(
     output, _ = serve.process.communicate(timeout=60)
     assert serve.process.returncode == 0, output
     log = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    access = [entry for entry in log if entry["logger"] == "visionrpc.access"]
+    access = [
+        entry
+        for entry in log
+        if entry["logger"] == "visionrpc.access" and entry["method"].endswith("/Predict")
+    ]
     assert [(e["request_id"], e["status"], e["model"], e["images"]) for e in access] == [
         ("drain-1", "OK", "colors", 1)
     ]
