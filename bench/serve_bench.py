@@ -13,6 +13,11 @@ temporary repository, then:
    GIL) and drives C concurrent single-image Predict calls for a fixed time each,
    printing images/s, p50/p99 latency and the ratio to raw;
 3. repeats one concurrency with ``--max-batch-size 1`` to show what batching does.
+
+``--protocol v2`` drives the Open Inference Protocol's ModelInfer (a BYTES ``images``
+tensor in ``raw_input_contents``, as tritonclient sends it) instead of Predict;
+``--protocol both`` runs the two side by side on one server, alternating per
+concurrency, and prints the v2/v1 ratio of each.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import asyncio
 import io
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +45,8 @@ from PIL import Image
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from visionrpc.server.model_config import model_config_from_dict, write_repository_entry
 
 SIZE = 224
@@ -119,14 +128,30 @@ class LoadResult:
     errors: int
 
 
-async def drive(address: str, image: bytes, concurrency: int, seconds: float) -> LoadResult:
+def sender(
+    channel: grpc.aio.Channel, image: bytes, protocol: str
+) -> Callable[[float | None], Awaitable[object]]:
+    """One single-image call of ``protocol`` (v1 Predict or v2 ModelInfer), given a timeout."""
+    if protocol == "v1":
+        stub = pb_grpc.InferenceStub(channel)
+        request = pb.PredictRequest(model=MODEL, images=[pb.Image(encoded=image)])
+        return lambda timeout: stub.Predict(request, timeout=timeout)
+    v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    infer = v2.ModelInferRequest(model_name=MODEL)
+    infer.inputs.add(name="images", datatype="BYTES", shape=[1])
+    infer.raw_input_contents.append(struct.pack("<I", len(image)) + image)
+    return lambda timeout: v2_stub.ModelInfer(infer, timeout=timeout)
+
+
+async def drive(
+    address: str, image: bytes, concurrency: int, seconds: float, protocol: str = "v1"
+) -> LoadResult:
     """C clients, each sending one single-image request after another for ``seconds``."""
     latencies: list[float] = []
     errors = 0
-    request = pb.PredictRequest(model=MODEL, images=[pb.Image(encoded=image)])
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        await stub.Predict(request)
+        send = sender(channel, image, protocol)
+        await send(None)
         started = time.perf_counter()
         stop_at = started + seconds
 
@@ -135,7 +160,7 @@ async def drive(address: str, image: bytes, concurrency: int, seconds: float) ->
             while time.perf_counter() < stop_at:
                 sent = time.perf_counter()
                 try:
-                    await stub.Predict(request, timeout=60)
+                    await send(60)
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
@@ -202,6 +227,10 @@ def main() -> int:
         help="size of the JPEG the clients send (default: the model's, 224 224)",
     )  # fmt: skip
     parser.add_argument("--server-flag", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--protocol", choices=("v1", "v2", "both"), default="v1",
+        help="visionrpc.v1 Predict, Open Inference Protocol ModelInfer, or both side by side",
+    )  # fmt: skip
     args = parser.parse_args()
 
     print(f"cpus: {os.cpu_count()}, onnxruntime {ort.__version__}")
@@ -217,6 +246,7 @@ def main() -> int:
         image = test_image(*args.image_size)
         print(f"client image: {args.image_size[0]}x{args.image_size[1]} JPEG, {len(image)} B")
         runs: list[tuple[str, LoadResult]] = []
+        protocols = ["v1", "v2"] if args.protocol == "both" else [args.protocol]
         for label, extra, levels in (
             ("batched", args.server_flag, args.concurrency),
             ("max_batch_size=1", [*args.server_flag, "--max-batch-size", "1"],
@@ -226,11 +256,13 @@ def main() -> int:
             process = start_server(repository, port, extra)
             try:
                 for concurrency in levels:
-                    result = asyncio.run(
-                        drive(f"127.0.0.1:{port}", image, concurrency, args.duration)
-                    )
-                    runs.append((label, result))
-                    print(format_row(label, result, best_raw), flush=True)
+                    for protocol in protocols:
+                        result = asyncio.run(
+                            drive(f"127.0.0.1:{port}", image, concurrency, args.duration, protocol)
+                        )
+                        named = label if protocol == "v1" else f"{label} v2"
+                        runs.append((named, result))
+                        print(format_row(named, result, best_raw), flush=True)
             finally:
                 stop_server(process)
         # On a shared machine other load skews everything; a second raw figure shows it.
@@ -239,7 +271,24 @@ def main() -> int:
     for label, result in runs:
         print(format_row(label, result, best_raw))
     print(f"raw at batch {best_batch}: {best_raw:.1f} images/s before, {raw_after:.1f} after")
+    if args.protocol == "both":
+        print_protocol_ratios(runs)
     return 0
+
+
+def print_protocol_ratios(runs: list[tuple[str, LoadResult]]) -> None:
+    """Open Inference Protocol against visionrpc.v1, per server setting and concurrency."""
+    by_run = {(label, result.concurrency): result for label, result in runs}
+    print("\nv2/v1 images/s        C   v1 img/s   v2 img/s   v2/v1")
+    for (label, concurrency), v2_result in by_run.items():
+        if not label.endswith(" v2"):
+            continue
+        v1_result = by_run[(label.removesuffix(" v2"), concurrency)]
+        print(
+            f"{label.removesuffix(' v2'):<18} {concurrency:>4} "
+            f"{v1_result.images_per_second:>10.1f} {v2_result.images_per_second:>10.1f} "
+            f"{v2_result.images_per_second / v1_result.images_per_second:>7.3f}"
+        )
 
 
 def format_row(label: str, result: LoadResult, best_raw: float) -> str:

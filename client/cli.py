@@ -31,9 +31,12 @@ def _class_threshold(text: str) -> tuple[str, float]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
 
 
@@ -104,6 +107,9 @@ def _add_predict(subcommands: argparse._SubParsersAction[Any], parent: Any) -> N
 
 def _run(command: str) -> Any:
     def handler(args: argparse.Namespace) -> int:
+        # gRPC's core logs handshake failures to stderr before the call fails; the
+        # command prints its own one-line reason. Read once, when gRPC loads.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from . import commands
 
         return commands.run(command, args)
@@ -117,7 +123,26 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     _add_predict(subcommands, connection)
 
     models = subcommands.add_parser(
-        "models", parents=[connection], help="list the models a server has loaded"
+        "models",
+        parents=[connection],
+        help="list the served models; load, unload or reload one (model control)",
+        description="Without arguments: the models the server serves. With --all, or with "
+        "load|unload|reload NAME: the server's model-control API (serve --model-control-api "
+        "true; load, unload and reload also need --model-control explicit).",
+    )
+    models.add_argument(
+        "action", nargs="?", choices=("load", "unload", "reload"), help="model-control action"
+    )
+    models.add_argument("name", nargs="?", help="the model to load, unload or reload")
+    models.add_argument(
+        "--all",
+        action="store_true",
+        help="every model in the repository, loaded or not, with each version's state",
+    )
+    models.add_argument(
+        "--control-token",
+        default=os.environ.get("VISIONRPC_MODEL_CONTROL_TOKEN"),
+        help="bearer token of the model-control API (default: $VISIONRPC_MODEL_CONTROL_TOKEN)",
     )
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(handler=_run("models"))

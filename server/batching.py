@@ -2,10 +2,14 @@
 
 A ``Batcher`` serves one model version. Callers ``submit`` rows (one uint8 array per
 model input, e.g. one per image view) and await one future per row. A loop forms a
-batch from the oldest rows: it closes the batch when it holds ``max_batch_size`` rows,
-or ``max_queue_delay_ms`` after its first row arrived (one fixed deadline per batch),
-and only when an instance is free to run it, so the next batch keeps filling while
-the previous one runs. Up to ``instances`` batches run at once in a thread pool
+batch from the oldest rows, and only when an instance is free to run it. When no batch
+is running the rows waiting start at once (a lone request on an idle model never waits
+for company); rows that arrive while the model is busy wait for an instance, so batches
+grow with the load, not with a timer. With several ``instances`` and one of them busy,
+a batch closes when it holds ``max_batch_size`` rows or ``max_queue_delay_ms`` after its
+first row arrived (one fixed deadline per batch); ``wait_when_idle`` applies that rule
+to an idle model too. Up to ``instances`` batches run at
+once in a thread pool
 (onnxruntime releases the GIL). Rows whose caller gave up (cancelled future) or whose
 deadline passed are dropped before they cost compute. What happens is reported to a
 ``BatchObserver`` (the server's Prometheus metrics), which this module knows only by
@@ -73,6 +77,10 @@ class BatchSettings:
     max_queue_delay_ms: float
     max_queue_size: int
     instances: int
+    # An idle instance waits max_queue_delay_ms for more rows too, as Triton's batcher
+    # does: worth it where a batch of 16 costs about what a batch of 1 does (a GPU),
+    # not on a CPU, where each row costs its own compute and waiting only adds latency.
+    wait_when_idle: bool = False
 
 
 @dataclass
@@ -223,7 +231,11 @@ class Batcher:
             timeout: float | None = None
             if self._busy_instances < self.settings.instances:
                 now = time.monotonic()
-                if len(self._pending) >= self.settings.max_batch_size or now >= close_at:
+                # An idle model gains nothing by waiting: the rows that come meanwhile
+                # would find it busy with this batch anyway and form the next one.
+                idle = self._busy_instances == 0 and not self.settings.wait_when_idle
+                full = len(self._pending) >= self.settings.max_batch_size
+                if idle or full or now >= close_at:
                     batch = self._take_live(self.settings.max_batch_size)
                     self._queue_changed()
                     if batch:

@@ -33,17 +33,32 @@ _SETTING_HELP = {
     "max_queue_delay_ms": "default wait for a batch to fill (default 2.0)",
     "max_queue_size": "default queued inputs per model before RESOURCE_EXHAUSTED (default 256)",
     "instances": "default concurrent runs per model (default 1)",
-    "intra_op_threads": "onnxruntime intra-op threads, 0 = its default",
+    "intra_op_threads": "onnxruntime intra-op threads, 0 = the CPUs this process may use "
+    "(affinity and cgroup quota)",
     "inter_op_threads": "onnxruntime inter-op threads, 0 = its default",
+    "intra_op_spinning": "off (default) or on: idle onnxruntime threads busy-wait for work",
     "providers": "auto (CUDA then CPU) or a comma-separated provider list",
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",
-    "preprocess_workers": "image decoding threads, 0 = one per CPU",
+    "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
     "shutdown_grace_seconds": "time in-flight calls get after SIGTERM (default 10)",
+    "model_control": "none (read the repository once), poll (rescan it) or explicit "
+    "(load what the admin API asks for); default none",
+    "poll_interval_seconds": "poll: seconds between repository rescans (default 5)",
+    "load_model": "explicit: a model to load at start-up (repeatable, or comma-separated; "
+    "* for all)",
+    "model_control_api": "on to serve visionrpc.v1.ModelControlService (load, unload, "
+    "reload, repository index); default off",
+    "model_control_token_file": "file holding the bearer token the model-control API requires "
+    "(or VISIONRPC_MODEL_CONTROL_TOKEN); needed when auth is on",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "log_format": "text or json (default text)",
 }
+
+
+# Flags that may be given more than once; their values add up.
+_REPEATABLE = frozenset({"load_model"})
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -64,7 +79,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         # SUPPRESS keeps flags that were not given out of the namespace, so the
         # environment and the config file can fill them.
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            action="append" if name in _REPEATABLE else "store",
+            help=help_text,
         )
     parser.set_defaults(handler=run_serve)
 
@@ -73,6 +92,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     from .settings import load_settings
 
     given = {name: getattr(args, name) for name in _SETTING_HELP if hasattr(args, name)}
+    if "load_model" in given:
+        given["load_model"] = ",".join(given["load_model"])
     return load_settings(given, environ, args.config)
 
 

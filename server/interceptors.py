@@ -28,12 +28,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 
 from . import logging_setup
 from .client_text import CLIENT_TEXT_LIMIT, printable
@@ -46,8 +47,6 @@ if TYPE_CHECKING:  # the stubs make these generic; grpc's runtime classes are no
 Context = grpc.aio.ServicerContext[Any, Any]
 
 REQUEST_ID_KEY = "x-request-id"
-_INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
-PREDICT_METHODS = frozenset({f"/{_INFERENCE}/Predict", f"/{_INFERENCE}/PredictStream"})
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # What a caller's id may grow to once escaped (each character at most 10): still a
 # small trailer.
@@ -108,10 +107,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         if rpc is None:
             service, _, name = method.lstrip("/").partition("/")
             rpc = self._rpcs[method] = self._metrics.for_rpc(rpc_type(handler), service, name)
+        messages = PREDICTION_METHODS.get(method)
         ledger = (
-            _PredictLedger(self._metrics, self._resolve_version)
-            if method in PREDICT_METHODS
-            else None
+            None
+            if messages is None
+            else _PredictLedger(self._metrics, self._resolve_version, messages)
         )
         call = _Call(method, rpc, _request_id(handler_call_details.invocation_metadata), ledger)
         return _observed(handler, call)
@@ -293,19 +293,114 @@ async def _respond(
         await responses
 
 
-class _PredictLedger:
-    """The Predict requests of one call, each counted once: answered, or left when it ended.
+class _Asked(NamedTuple):
+    """What one prediction request asked for, read from its message."""
 
-    Only requests the server received count: a stream refused or expired before its
-    first request was read shows in ``grpc_server_handled_total`` alone.
+    key: tuple[str, str]
+    model: str
+    version: str
+    images: int
+
+
+class _Answer(NamedTuple):
+    """What one prediction answer says: its request's key, version, and each image's code,
+    or the request's own error code."""
+
+    key: tuple[str, str]
+    version: str
+    error: str | None
+    image_codes: list[str]
+
+
+class _Messages(NamedTuple):
+    """How to read one protocol's prediction messages."""
+
+    asked: Callable[[Any], _Asked]
+    answer: Callable[[Any], _Answer | None]
+
+
+def _visionrpc_asked(request: pb.PredictRequest) -> _Asked:
+    return _Asked(
+        (request.model, request.request_id), request.model, request.version, len(request.images)
+    )
+
+
+def _visionrpc_answer(response: pb.PredictResponse) -> _Answer:
+    key = (response.model, response.request_id)
+    if response.HasField("error"):
+        return _Answer(key, response.version, _code_name(response.error.code), [])
+    codes = [
+        _code_name(result.error.code) if result.HasField("error") else "OK"
+        for result in response.results
+    ]
+    return _Answer(key, response.version, None, codes)
+
+
+def _open_inference_asked(request: v2.ModelInferRequest) -> _Asked:
+    # One image per row of the one input tensor; a malformed request counts none.
+    images = 0
+    if len(request.inputs) == 1 and request.inputs[0].shape:
+        images = max(0, int(request.inputs[0].shape[0]))
+    return _Asked(
+        (request.model_name, request.id), request.model_name, request.model_version, images
+    )
+
+
+def _open_inference_answer(response: v2.ModelInferResponse) -> _Answer:
+    """Image codes from the ``error`` output: ``"<STATUS>: ..."`` rows, empty for good ones."""
+    codes: list[str] = []
+    for index, output in enumerate(response.outputs):
+        if output.name == "error" and index < len(response.raw_output_contents):
+            codes = [
+                row.split(":", 1)[0] if row else "OK"
+                for row in _bytes_rows(response.raw_output_contents[index])
+            ]
+    if not codes:
+        codes = ["OK"] * (response.outputs[0].shape[0] if response.outputs else 0)
+    return _Answer((response.model_name, response.id), response.model_version, None, codes)
+
+
+def _bytes_rows(raw: bytes) -> list[str]:
+    """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then data."""
+    rows, offset = [], 0
+    while offset + 4 <= len(raw):
+        length = int.from_bytes(raw[offset : offset + 4], "little")
+        rows.append(raw[offset + 4 : offset + 4 + length].decode(errors="replace"))
+        offset += 4 + length
+    return rows
+
+
+def _code_name(code: int) -> str:
+    return _CODE_NAMES.get(code, grpc.StatusCode.UNKNOWN.name)
+
+
+_VISIONRPC = _Messages(_visionrpc_asked, _visionrpc_answer)
+_INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_OPEN_INFERENCE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The calls that carry predictions, so the ``visionrpc_*`` request families count them.
+PREDICTION_METHODS = {
+    f"/{_INFERENCE}/Predict": _VISIONRPC,
+    f"/{_INFERENCE}/PredictStream": _VISIONRPC,
+    f"/{_OPEN_INFERENCE}/ModelInfer": _Messages(_open_inference_asked, _open_inference_answer),
+}
+
+
+class _PredictLedger:
+    """The prediction requests of one call, each counted once: answered, or left when the
+    call ended (cancelled, expired, aborted), then under the call's status.
 
     A stream answers out of order, so an answer finds its request by model and the
-    request's own ``request_id`` field (first come, first matched among equal keys).
+    request's own id field (first come, first matched among equal keys). Only requests
+    the server received count: a call refused or expired before its first request was
+    read shows in ``grpc_server_handled_total`` alone.
     """
 
-    def __init__(self, metrics: ServerMetrics, resolve_version: VersionResolver) -> None:
+    def __init__(
+        self, metrics: ServerMetrics, resolve_version: VersionResolver, messages: _Messages
+    ) -> None:
         self._metrics = metrics
         self._resolve_version = resolve_version
+        self._messages = messages
         self._pending: dict[tuple[str, str], deque[_Request]] = {}
         self._first_model: str | None = None
         self._last_version = ""
@@ -314,41 +409,42 @@ class _PredictLedger:
         self._failed_images = 0
 
     def arrived(self, request: Any) -> None:
-        if isinstance(request, pb.PredictRequest):
-            model, version, images = request.model, request.version, len(request.images)
-            key = (request.model, request.request_id)
-        else:  # refused before it was parsed: nothing the caller sent is read
-            model, version, images, key = "", "", 0, ("", "")
+        if isinstance(request, bytes):
+            # Refused before it was parsed (no token): nothing the caller sent is read.
+            asked = _Asked(("", ""), "", "", 0)
+        else:
+            asked = self._messages.asked(request)
         if self._first_model is None:
-            self._first_model = model
+            self._first_model = asked.model
         self._requests += 1
-        self._images += images
-        self._pending.setdefault(key, deque()).append(
-            _Request(model, version, images, time.perf_counter())
+        self._images += asked.images
+        self._pending.setdefault(asked.key, deque()).append(
+            _Request(asked.model, asked.version, asked.images, time.perf_counter())
         )
-        self._metrics.request_started(model)
+        self._metrics.request_started(asked.model)
 
     def answered(self, response: Any) -> None:
-        if not isinstance(response, pb.PredictResponse):
+        answer = self._messages.answer(response)
+        if answer is None:
             return
-        request = self._take((response.model, response.request_id))
+        request = self._take(answer.key)
         if request is None:
             return
-        if response.HasField("error"):
-            code = _CODE_NAMES.get(response.error.code, grpc.StatusCode.UNKNOWN.name)
-            self._failed(request, code)
+        if answer.error is not None:
+            self._failed(request, answer.error)
             return
-        version = response.version
-        self._last_version = version
+        self._last_version = answer.version
         self._metrics.request_finished(
-            request.model, version, "OK", request.images, time.perf_counter() - request.started
+            request.model,
+            answer.version,
+            "OK",
+            request.images,
+            time.perf_counter() - request.started,
         )
-        for result in response.results:
-            code = "OK"
-            if result.HasField("error"):
-                code = _CODE_NAMES.get(result.error.code, grpc.StatusCode.UNKNOWN.name)
+        for code in answer.image_codes:
+            if code != "OK":
                 self._failed_images += 1
-            self._metrics.image_finished(request.model, version, code)
+            self._metrics.image_finished(request.model, answer.version, code)
 
     def call_ended(self, code: str) -> dict[str, object]:
         """Requests the call never answered take its status; the access-log fields."""
@@ -383,11 +479,8 @@ class _PredictLedger:
         )
 
 
-class _Request:
-    __slots__ = ("images", "model", "started", "version")
-
-    def __init__(self, model: str, version: str, images: int, started: float) -> None:
-        self.model = model
-        self.version = version
-        self.images = images
-        self.started = started
+class _Request(NamedTuple):
+    model: str
+    version: str
+    images: int
+    started: float

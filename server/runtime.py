@@ -34,6 +34,9 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("auto",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # Idle intra-op threads busy-wait for the next parallel region by default; on a CPU
+    # shared with decoding and the event loop that spinning takes their cores.
+    allow_spinning: bool = True
 
 
 class _ProviderProbe:
@@ -77,6 +80,9 @@ class ModelRuntime:
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
         session_options.inter_op_num_threads = options.inter_op_threads
+        spinning = "1" if options.allow_spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         providers = choose_providers(options.providers)
         try:
             self._session = ort.InferenceSession(

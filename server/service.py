@@ -23,14 +23,10 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from .client_text import DETAILS_LIMIT, printable
 from .errors import ErrorKind, VisionRPCError
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
-from .postprocess import (
-    ClassificationResult,
-    ImageResult,
-    LabelScore,
-    MultiLabelResult,
-    PredictionOptions,
-)
+from .postprocess import ImageResult, PredictionOptions
+from .preprocess import REPORTED_FORMATS, accepted_extensions
 from .repository import LoadedModel, ModelRepository
+from .tasks import serving_task
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +37,7 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -194,12 +191,14 @@ def response_to_proto(outcome: PredictOutcome, request_id: str) -> pb.PredictRes
         model=outcome.model.name,
         version=str(outcome.model.version),
         task=outcome.model.config.task,
-        results=[image_result_to_proto(result) for result in outcome.results],
+        results=[
+            image_result_to_proto(result, outcome.model.config.task) for result in outcome.results
+        ],
         request_id=request_id,
     )
 
 
-def image_result_to_proto(outcome: ImageResult | VisionRPCError) -> pb.ImageResult:
+def image_result_to_proto(outcome: ImageResult | VisionRPCError, task: str) -> pb.ImageResult:
     if isinstance(outcome, VisionRPCError):
         code, message = status_of(outcome)
         return pb.ImageResult(error=pb.Status(code=code.value[0], message=message))
@@ -209,42 +208,9 @@ def image_result_to_proto(outcome: ImageResult | VisionRPCError) -> pb.ImageResu
         original_width=outcome.original_width,
         original_height=outcome.original_height,
     )
-    result = outcome.result
-    if isinstance(result, ClassificationResult):
-        converted.classification.CopyFrom(
-            pb.Classification(
-                top=[_label_score(item) for item in result.top],
-                below_min_confidence=result.below_min_confidence,
-                min_confidence=result.min_confidence,
-            )
-        )
-    elif isinstance(result, MultiLabelResult):
-        converted.multilabel.CopyFrom(
-            pb.MultiLabel(
-                labels=[_label_score(item) for item in result.labels],
-                all_scores=[_label_score(item) for item in result.all_scores],
-            )
-        )
-    else:
-        converted.points.CopyFrom(
-            pb.Points(
-                points=[
-                    pb.Point(
-                        name=point.name,
-                        x=point.x,
-                        y=point.y,
-                        x_normalized=point.x_normalized,
-                        y_normalized=point.y_normalized,
-                    )
-                    for point in result.points
-                ]
-            )
-        )
+    # The model's task module fills its own field of the result.
+    serving_task(task).to_v1(outcome.result, converted)
     return converted
-
-
-def _label_score(item: LabelScore) -> pb.LabelScore:
-    return pb.LabelScore(label=item.label, score=item.score, threshold=item.threshold)
 
 
 def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
@@ -281,4 +247,6 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         dataset=config.training.dataset,
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
+        accepted_formats=list(REPORTED_FORMATS),
+        accepted_extensions=list(accepted_extensions()),
     )

@@ -23,6 +23,8 @@ from .batching import BatchSettings
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
+SWITCHES = ("on", "off")
 
 
 class SettingsError(ValueError):
@@ -51,18 +53,33 @@ class ServerSettings:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 256
     instances: int = 1
-    # 0 leaves the choice to onnxruntime.
+    # intra_op_threads and preprocess_workers 0: derived from the CPUs this process may
+    # use (affinity and cgroup quota, server/cpus.py). inter_op 0 is onnxruntime's choice.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    # "on" lets idle onnxruntime threads busy-wait for work (lower latency on a CPU
+    # nothing else needs); "off" frees their cores for decoding.
+    intra_op_spinning: str = "off"
     # "auto" is CUDA then CPU among those available, or an explicit list of providers.
     providers: tuple[str, ...] = ("auto",)
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    # Threads that decode and resize images; 0 is one per CPU.
+    # Threads that decode and resize images.
     preprocess_workers: int = 0
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Model control (see visionrpc.server.model_manager): none reads the repository once,
+    # poll rescans it every poll_interval_seconds, explicit loads what the admin API asks
+    # for, starting with load_model ("*" for every model).
+    model_control: str = "none"
+    poll_interval_seconds: float = 5.0
+    load_model: tuple[str, ...] = ()
+    # The visionrpc.v1.ModelControlService admin API; off unless asked for. With auth on,
+    # it requires its own token, so an inference token cannot unload models.
+    model_control_api: str = "off"
+    model_control_token: str | None = field(default=None, repr=False)
+    model_control_token_file: Path | None = None
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -71,10 +88,18 @@ class ServerSettings:
             raise SettingsError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.intra_op_spinning not in SWITCHES:
+            raise SettingsError("intra_op_spinning must be on or off")
         for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        for name in ("port", "metrics_port", "intra_op_threads", "inter_op_threads"):
+        for name in (
+            "port",
+            "metrics_port",
+            "intra_op_threads",
+            "inter_op_threads",
+            "preprocess_workers",
+        ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
@@ -89,6 +114,25 @@ class ServerSettings:
             raise SettingsError("set auth_token or auth_token_file, not both")
         if self.auth_token is not None:
             _check_token(self.auth_token, "auth_token")
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise SettingsError(f"model_control must be one of {', '.join(MODEL_CONTROL_MODES)}")
+        if not self.poll_interval_seconds > 0:
+            raise SettingsError("poll_interval_seconds must be positive")
+        if self.load_model and self.model_control != "explicit":
+            raise SettingsError("load_model needs model_control explicit (the others load all)")
+        if self.model_control_token is not None and self.model_control_token_file is not None:
+            raise SettingsError("set model_control_token or model_control_token_file, not both")
+        if self.model_control_token is not None:
+            _check_token(self.model_control_token, "model_control_token")
+        auth_on = self.auth_token is not None or self.auth_token_file is not None
+        control_token = self.model_control_token or self.model_control_token_file
+        if self.model_control_api not in SWITCHES:
+            raise SettingsError("model_control_api must be on or off")
+        if self.model_control_api == "on" and auth_on and control_token is None:
+            raise SettingsError(
+                "with auth on, model_control_api needs its own token: set "
+                "VISIONRPC_MODEL_CONTROL_TOKEN or model_control_token_file"
+            )
 
     @property
     def default_batching(self) -> BatchSettings:
@@ -118,6 +162,14 @@ class ServerSettings:
             return self.auth_token
         token = _read_file(self.auth_token_file, "auth_token_file").decode(errors="replace")
         return _check_token(token.strip(), f"auth_token_file {self.auth_token_file}")
+
+    def read_model_control_token(self) -> str | None:
+        """The bearer token the model-control API requires; None leaves it open."""
+        if self.model_control_token_file is None:
+            return self.model_control_token
+        path = self.model_control_token_file
+        token = _read_file(path, "model_control_token_file").decode(errors="replace")
+        return _check_token(token.strip(), f"model_control_token_file {path}")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     write_channel_mean_classifier(root, "colors")
     write_channel_mean_classifier(
-        root, "patient", batching={"max_queue_delay_ms": PATIENT_DELAY_MS}
+        root, "patient", batching={"max_queue_delay_ms": PATIENT_DELAY_MS, "wait_when_idle": True}
     )
     return root
 

@@ -152,7 +152,9 @@ def test_sigterm_turns_health_not_serving_while_the_call_in_flight_completes(
 ) -> None:
     root = tmp_path / "models"
     # A request waits 1.5 s in the queue: in flight when SIGTERM comes.
-    write_channel_mean_classifier(root, "colors", batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, "colors", batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     serve = ServeProcess(root, "--shutdown-grace-seconds", "10")
     processes.append(serve)
     heard: list[tuple[int, bool]] = []

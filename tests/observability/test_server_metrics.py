@@ -48,7 +48,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_channel_mean_classifier(
         root,
         "patient",
-        batching={"max_queue_delay_ms": PATIENT_DELAY_MS, "max_queue_size": 2},
+        batching={
+            "max_queue_delay_ms": PATIENT_DELAY_MS,
+            "max_queue_size": 2,
+            "wait_when_idle": True,
+        },
     )
     write_corrupt_onnx(root, config_dict("broken", "classification", ("a", "b", "c"), 8))
     return root

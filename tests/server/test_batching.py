@@ -56,7 +56,7 @@ class GatedModel:
         return [len(batch) for batch in self.batches]
 
 
-def settings(**overrides: float) -> BatchSettings:
+def settings(*, wait_when_idle: bool = False, **overrides: float) -> BatchSettings:
     values = {"max_batch_size": 8, "max_queue_delay_ms": 20.0, "max_queue_size": 64, "instances": 1}
     values.update(overrides)
     return BatchSettings(
@@ -64,6 +64,7 @@ def settings(**overrides: float) -> BatchSettings:
         max_queue_delay_ms=float(values["max_queue_delay_ms"]),
         max_queue_size=int(values["max_queue_size"]),
         instances=int(values["instances"]),
+        wait_when_idle=wait_when_idle,
     )
 
 
@@ -93,40 +94,54 @@ async def test_a_batch_never_exceeds_max_batch_size() -> None:
     await batcher.close()
 
 
-async def test_rows_arriving_within_the_delay_of_the_first_join_its_batch() -> None:
+async def test_a_lone_row_on_an_idle_model_starts_at_once_whatever_the_delay() -> None:
     model = GatedModel(open_gate=True)
-    batcher = Batcher(model, settings(max_queue_delay_ms=300.0), name="t")
+    # An hour of delay: the row answers only if an idle model does not wait for company.
+    batcher = Batcher(model, settings(max_queue_delay_ms=3_600_000.0), name="t")
+    assert await asyncio.wait_for(results(batcher.submit(rows(3))), timeout=10) == [6]
+    assert model.sizes == [1]
+    await batcher.close()
+
+
+async def test_rows_arriving_while_the_model_is_busy_form_the_next_batch_at_once() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_queue_delay_ms=3_600_000.0), name="t")
+    first = batcher.submit(rows(1))
+    await model.wait_started()
+    later = [batcher.submit(rows(v)) for v in (2, 3, 4, 5, 6, 7)]
+    await asyncio.sleep(0.05)
+    assert model.sizes == [1]  # they wait for the busy instance...
+    model.gate.set()
+    # ...and run together as soon as it frees, not an hour later.
+    answers = results(first + [f for group in later for f in group])
+    assert await asyncio.wait_for(answers, timeout=10) == [2, 4, 6, 8, 10, 12, 14]
+    assert model.sizes == [1, 6]
+    await batcher.close()
+
+
+async def test_a_free_instance_waits_for_the_delay_while_another_one_is_busy() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_queue_delay_ms=300.0, instances=2), name="t")
+    first = batcher.submit(rows(1))
+    await model.wait_started()
+    second = batcher.submit(rows(2))
+    await asyncio.sleep(0.05)
+    third = batcher.submit(rows(3))
+    await model.wait_started()
+    assert model.batches == [[1.0], [2.0, 3.0]]
+    model.gate.set()
+    assert await results(first + second + third) == [2, 4, 6]
+    await batcher.close()
+
+
+async def test_wait_when_idle_makes_an_idle_model_wait_for_the_delay() -> None:
+    model = GatedModel(open_gate=True)
+    batcher = Batcher(model, settings(max_queue_delay_ms=300.0, wait_when_idle=True), name="t")
     first = batcher.submit(rows(1))
     await asyncio.sleep(0.05)
     second = batcher.submit(rows(2))
     assert await results(first + second) == [2, 4]
     assert model.sizes == [2]
-    await batcher.close()
-
-
-async def test_a_lone_row_waits_for_the_delay_then_runs_alone() -> None:
-    model = GatedModel(open_gate=True)
-    batcher = Batcher(model, settings(max_queue_delay_ms=50.0), name="t")
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    assert await results(batcher.submit(rows(3))) == [6]
-    assert loop.time() - started >= 0.045
-    assert model.sizes == [1]
-    await batcher.close()
-
-
-async def test_the_next_batch_fills_while_the_model_is_busy() -> None:
-    model = GatedModel()
-    batcher = Batcher(model, settings(max_queue_delay_ms=0.0), name="t")
-    first = batcher.submit(rows(1))
-    await model.wait_started()
-    later = [batcher.submit(rows(v)) for v in (2, 3, 4, 5, 6, 7)]
-    # The delay has long passed for the waiting rows, yet they wait for the busy instance.
-    await asyncio.sleep(0.05)
-    assert model.sizes == [1]
-    model.gate.set()
-    assert await results(first + [f for group in later for f in group]) == [2, 4, 6, 8, 10, 12, 14]
-    assert model.sizes == [1, 6]
     await batcher.close()
 
 

@@ -35,6 +35,8 @@ def described_repository(tmp_path: Path) -> Path:
         input={"height": 8, "width": 8, "resize_method": "crop"},
         tta={"enabled": True, "views": ["flip", "zoom_center"], "beta": 0.3},
         batching={"max_batch_size": 4, "instances": 2},
+        # Both versions serve (the default policy serves only the newest).
+        version_policy={"all": {}},
         training={
             "dataset": "oxford-iiit-pet",
             "trained_at": "2026-11-20T10:00:00Z",

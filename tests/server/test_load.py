@@ -49,12 +49,16 @@ async def test_hundreds_of_concurrent_requests_each_get_their_own_exact_answer(
     ):
         stub = pb_grpc.InferenceStub(channel)
         slots = asyncio.Semaphore(CLIENTS_AT_ONCE)
-        options = pb.PredictionOptions(top_k=3, all_scores=True, threshold=0.0)
+        # Each task refuses the options of the others.
+        options = {
+            "colors": pb.PredictionOptions(top_k=3),
+            "channels": pb.PredictionOptions(all_scores=True, threshold=0.0),
+        }
 
         async def call(model: str, files: list[bytes]) -> pb.PredictResponse:
             async with slots:
                 response: pb.PredictResponse = await stub.Predict(
-                    encoded_request(model, *files, options=options)
+                    encoded_request(model, *files, options=options[model])
                 )
                 return response
 
@@ -91,7 +95,13 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
     root = tmp_path / "models"
     # A long batching delay keeps the first rows waiting in the queue.
     write_channel_mean_classifier(
-        root, batching={"max_queue_size": 2, "max_batch_size": 16, "max_queue_delay_ms": 1500}
+        root,
+        batching={
+            "max_queue_size": 2,
+            "max_batch_size": 16,
+            "max_queue_delay_ms": 1500,
+            "wait_when_idle": True,
+        },
     )
     image = png(solid(255, 0, 0))
     async with (
@@ -122,7 +132,9 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
 
 async def test_a_request_past_its_deadline_is_dropped_before_compute(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    write_channel_mean_classifier(root, batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     image = png(solid(0, 0, 255))
     async with (
         running_server(root) as server,

@@ -169,8 +169,8 @@ async def test_bad_images_fail_alone_and_name_their_index(
     response = await stub.Predict(pb.PredictRequest(model="colors", images=images))
     reasons = {
         1: "empty",
-        2: "not a decodable image",
-        3: "not a decodable image",
+        2: "data cannot be decoded",
+        3: "the GIF data cannot be decoded",
         4: "over the limit of 4000",
         5: "over the limit of 10000",
         6: "needs 12 bytes",
@@ -217,7 +217,7 @@ async def test_an_unknown_model_is_not_found_and_lists_the_models(
 async def test_newest_version_by_default_and_an_older_one_when_pinned(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_channel_mean_classifier(root, temperature=10.0)
-    write_channel_mean_classifier(root, temperature=2.0)
+    write_channel_mean_classifier(root, temperature=2.0, version_policy={"all": {}})
     data = png(random_image(np.random.default_rng(4), 8, 8))
     row, _ = model_input(data)
     async with (

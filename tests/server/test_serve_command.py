@@ -31,7 +31,9 @@ SERVE_COMMAND = [
 def serving_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     root = tmp_path / "models"
     # Each request waits 1.5 s in the queue, long enough to still be in flight at SIGTERM.
-    write_channel_mean_classifier(root, batching={"max_queue_delay_ms": 1500})
+    write_channel_mean_classifier(
+        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+    )
     port = free_port()
     process = subprocess.Popen(
         [*SERVE_COMMAND, "--repository", str(root), "--port", str(port)],

@@ -73,7 +73,9 @@ async def test_an_empty_stream_ends_cleanly(analytic_repository: Path) -> None:
 async def test_a_stream_works_on_requests_concurrently_up_to_its_bound(tmp_path: Path) -> None:
     root = tmp_path / "models"
     # The long delay lets every request that is in flight join the first batch.
-    write_channel_mean_multilabel(root, batching={"max_queue_delay_ms": 800, "max_batch_size": 16})
+    write_channel_mean_multilabel(
+        root, batching={"max_queue_delay_ms": 800, "max_batch_size": 16, "wait_when_idle": True}
+    )
 
     async def outgoing() -> AsyncIterator[pb.PredictRequest]:
         for index in range(8):

@@ -60,7 +60,9 @@ class Image(_message.Message):
     ENCODED_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     encoded: _builtins.bytes
-    """An encoded file: JPEG, PNG, WebP, BMP, or GIF (first frame)."""
+    """An encoded file: JPEG (and MPO), PNG, WebP, BMP, or GIF (first frame);
+    ModelInfo.accepted_formats lists them.
+    """
     @_builtins.property
     def raw(self) -> Global___RawImage: ...
     def __init__(
@@ -685,6 +687,9 @@ class ModelInfo(_message.Message):
     TRAINED_AT_FIELD_NUMBER: _builtins.int
     CONFIG_JSON_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FORMATS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_EXTENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     task: _builtins.str
@@ -700,6 +705,10 @@ class ModelInfo(_message.Message):
     """The whole model config as JSON, for anything not broken out above."""
     top_k: _builtins.int
     """classification: how many labels a request gets when it does not say."""
+    max_images_per_request: _builtins.int
+    """The most images one PredictRequest may carry (0: no limit); more is INVALID_ARGUMENT.
+    The visionrpc clients split longer lists into several requests.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -714,6 +723,14 @@ class ModelInfo(_message.Message):
     def batching(self) -> Global___BatchingSettings: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def accepted_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The encoded formats Image.encoded may hold, as Pillow names them (e.g. "JPEG", "MPO")."""
+
+    @_builtins.property
+    def accepted_extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """File name suffixes of those formats, lower case with the dot (e.g. ".jpg", ".mpo")."""
+
     def __init__(
         self,
         *,
@@ -734,10 +751,13 @@ class ModelInfo(_message.Message):
         trained_at: _builtins.str = ...,
         config_json: _builtins.str = ...,
         top_k: _builtins.int = ...,
+        max_images_per_request: _builtins.int = ...,
+        accepted_formats: _abc.Iterable[_builtins.str] | None = ...,
+        accepted_extensions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "input", b"input", "tta", b"tta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_extensions", b"accepted_extensions", "accepted_formats", b"accepted_formats", "batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "max_images_per_request", b"max_images_per_request", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

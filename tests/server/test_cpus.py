@@ -1,0 +1,90 @@
+"""Thread defaults from the CPUs the process may use, with cgroup files as a pod has them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from visionrpc.server.cpus import cgroup_cpu_quota, plan_threads, usable_cpus
+from visionrpc.server.settings import ServerSettings, SettingsError
+
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def cgroup_v2(tmp_path: Path, cpu_max: str, own: str = "/") -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    folder = root / own.lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "cpu.max").write_text(cpu_max + "\n")
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(f"0::{own}\n")
+    return root, proc
+
+
+def cgroup_v1(tmp_path: Path, quota: int, period: int, own: str = "/") -> tuple[Path, Path]:
+    root = tmp_path / "cgroup"
+    folder = root / "cpu,cpuacct" / own.lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    (folder / "cpu.cfs_period_us").write_text(f"{period}\n")
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text(f"4:memory:{own}\n3:cpu,cpuacct:{own}\n1:name=systemd:/\n")
+    return root, proc
+
+
+def test_a_pod_limit_of_one_and_a_half_cpus_allows_two_threads(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, "150000 100000")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(1.5)
+    assert usable_cpus(root, proc) == min(AFFINITY, 2)
+
+
+def test_a_v2_limit_in_the_process_own_cgroup_is_found(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, "50000 100000", own="/kubepods/pod1/app")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(0.5)
+    assert usable_cpus(root, proc) == 1
+
+
+def test_an_unlimited_cgroup_leaves_the_affinity_mask(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, "max 100000")
+    assert cgroup_cpu_quota(root, proc) is None
+    assert usable_cpus(root, proc) == AFFINITY
+
+
+def test_a_cgroup_v1_cfs_quota_limits_the_cpus(tmp_path: Path) -> None:
+    root, proc = cgroup_v1(tmp_path, quota=100000, period=100000, own="/docker/abc")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(1.0)
+    assert usable_cpus(root, proc) == 1
+
+
+def test_a_cgroup_v1_quota_of_minus_one_is_no_limit(tmp_path: Path) -> None:
+    root, proc = cgroup_v1(tmp_path, quota=-1, period=100000)
+    assert cgroup_cpu_quota(root, proc) is None
+
+
+def test_no_cgroup_files_at_all_leaves_the_affinity_mask(tmp_path: Path) -> None:
+    assert usable_cpus(tmp_path / "absent", tmp_path / "absent_proc") == AFFINITY
+
+
+def test_a_limit_above_the_affinity_mask_does_not_raise_the_count(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, f"{(AFFINITY + 8) * 100000} 100000")
+    assert usable_cpus(root, proc) == AFFINITY
+
+
+def test_thread_defaults_follow_the_cpus_and_explicit_settings_win(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, "400000 100000")
+    plan = plan_threads(usable_cpus(root, proc))
+    assert plan.intra_op_threads == plan.cpus == min(AFFINITY, 4)
+    assert plan.preprocess_workers == max(1, plan.cpus // 2)
+    one_cpu = plan_threads(1)
+    assert (one_cpu.intra_op_threads, one_cpu.preprocess_workers) == (1, 1)
+    explicit = plan_threads(8, intra_op_threads=3, preprocess_workers=5)
+    assert (explicit.intra_op_threads, explicit.preprocess_workers) == (3, 5)
+
+
+def test_spinning_is_off_by_default_and_takes_only_on_or_off() -> None:
+    assert ServerSettings().intra_op_spinning == "off"
+    assert ServerSettings(intra_op_spinning="on").intra_op_spinning == "on"
+    with pytest.raises(SettingsError, match="intra_op_spinning"):
+        ServerSettings(intra_op_spinning="yes")
