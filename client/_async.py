@@ -84,7 +84,7 @@ class AsyncClient(ClientBase):
             self._channel = grpc.aio.secure_channel(
                 self.address, tls.credentials(), options=self._channel_options
             )
-        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=None,

@@ -21,6 +21,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, json_format, messag
 from google.protobuf.message import Message
 
 from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos import task_from_proto
 
 from .channel import LoadBalancing, RetryPolicy, TLSConfig, channel_options
 from .errors import (
@@ -184,7 +185,7 @@ def _label_scores(entries: Sequence[pb.LabelScore]) -> tuple[LabelScore, ...]:
 
 def image_message(index: int, name: str, message: str) -> str:
     """A per-image message: its position in the caller's input, and its file when known."""
-    where = f"image {index}" if not name or name == "bytes" else f"image {index} ({name})"
+    where = f"image {index} ({name})" if name else f"image {index}"
     return f"{where}: {message}"
 
 
@@ -284,7 +285,7 @@ def decode_models(response: pb.ListModelsResponse) -> list[ModelSummary]:
     summaries = [
         ModelSummary(
             name=model.name,
-            task=model.task,
+            task=task_from_proto(model.task),
             versions=tuple(model.versions),
             provider=model.provider,
         )
@@ -299,7 +300,7 @@ def decode_model_info(info: pb.ModelInfo) -> ModelInfo:
         name=info.name,
         version=info.version,
         versions=tuple(info.versions),
-        task=info.task,
+        task=task_from_proto(info.task),
         labels=tuple(info.labels),
         input_height=info.input.height,
         input_width=info.input.width,

@@ -15,7 +15,7 @@ import grpc
 
 from .errors import invalid_input
 
-SERVICE_NAME = "visionrpc.v1.Inference"
+SERVICE_NAME = "visionrpc.v1.InferenceService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 
 LoadBalancing = Literal["pick_first", "round_robin"]

@@ -182,7 +182,8 @@ def _model_control(args: argparse.Namespace) -> int:
     """``models --all`` and ``models load|unload|reload NAME``, through ModelControlService."""
     from .model_control import ModelControlClient
 
-    if (args.action is None) == (args.name is None) or (args.action and args.all):
+    wanted = args.action is None and args.name is None if args.all else args.action and args.name
+    if not wanted:
         raise UsageError("use load|unload|reload NAME, or --all")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")

@@ -67,7 +67,7 @@ def _invalid(message: str) -> InvalidInputError:
 
 
 def describe(image: object) -> str:
-    """A short name for an input in messages: its path, its file's name, or its kind."""
+    """An input's file name for messages (its path, or its file's name), else ""."""
     name: object = image
     if not isinstance(image, str | os.PathLike):
         name = getattr(image, "filename", None) or getattr(image, "name", None)
@@ -76,7 +76,7 @@ def describe(image: object) -> str:
         if isinstance(text, bytes):
             text = text.decode(errors="replace")
         return text if len(text) <= _MAX_NAME_CHARS else f"...{text[-_MAX_NAME_CHARS:]}"
-    return type(image).__name__
+    return ""
 
 
 def _is_instance_of(value: object, module_name: str, class_name: str) -> bool:

@@ -3,7 +3,7 @@
 Order: the metrics, the servicers (visionrpc.v1 and the Open Inference Protocol's
 ``inference.GRPCInferenceService``, one pipeline under both) over a repository that is
 still loading,
-``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.Inference``, and one service per
+``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
 Prometheus endpoint; then load the models (sessions and warm-up) and turn health
@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
@@ -42,8 +42,10 @@ from .interceptors import ObservabilityInterceptor
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
+from .oip import CONTROL_METHODS as OIP_CONTROL_METHODS
+from .oip import INFERENCE_METHODS as OIP_INFERENCE_METHODS
 from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
-from .oip import OpenInferenceServicer
+from .oip import OpenInferenceServicer, reflection_pool
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .repository import ModelRepository, model_folders
@@ -53,7 +55,7 @@ from .settings import ServerSettings, TLSFiles
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
     "ModelControlService"
 ].full_name
@@ -112,7 +114,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         metrics,
         _version_resolver(repository),
         (
-            pb.DESCRIPTOR.services_by_name["Inference"],
+            pb.DESCRIPTOR.services_by_name["InferenceService"],
             v2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
             health_pb2.DESCRIPTOR.services_by_name["Health"],
         ),
@@ -123,11 +125,18 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     if auth_token is not None:
         interceptors += [
             BearerTokenInterceptor(auth_token, INFERENCE_SERVICE),
-            BearerTokenInterceptor(auth_token, OPEN_INFERENCE_SERVICE),
+            BearerTokenInterceptor(
+                auth_token, OPEN_INFERENCE_SERVICE, methods=OIP_INFERENCE_METHODS
+            ),
         ]
     if settings.model_control_api == "on" and control_token is not None:
         # Its own token: a client trusted to predict is not thereby trusted to unload.
-        interceptors.append(BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE))
+        interceptors += [
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE),
+            BearerTokenInterceptor(
+                control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
+            ),
+        ]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -135,12 +144,9 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        OpenInferenceServicer(pipeline, repository, health_servicer), server
-    )
     for name in ["", INFERENCE_SERVICE, *(p.name for p in model_folders(settings.repository))]:
         await health_servicer.set(name, NOT_SERVING)
     runtime_options = RuntimeOptions(
@@ -166,13 +172,32 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         metrics=metrics,
         on_serving_changed=serving_changed,
     )
-    services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(
+            pipeline,
+            repository,
+            health_servicer,
+            manager,
+            model_control=settings.model_control_api == "on",
+            stream_max_in_flight=settings.stream_max_in_flight,
+        ),
+        server,
+    )
+    services = [
+        INFERENCE_SERVICE,
+        OPEN_INFERENCE_SERVICE,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
     if settings.model_control_api == "on":
         model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
             ModelControlServicer(manager), server
         )
         services.append(MODEL_CONTROL_SERVICE)
-    reflection.enable_server_reflection(services, server)
+    served_files = [pb.DESCRIPTOR, model_control_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
+    reflection.enable_server_reflection(
+        services, server, pool=reflection_pool([*served_files, reflection_pb2.DESCRIPTOR])
+    )
     address = f"{settings.host}:{settings.port}"
     try:
         port = _add_port(server, address, tls)

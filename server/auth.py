@@ -12,7 +12,7 @@ interceptor, which the server places outside this one.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -26,9 +26,13 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, token: str, service: str) -> None:
+    def __init__(self, token: str, service: str, methods: Iterable[str] | None = None) -> None:
+        """``methods``: the names of the methods this token guards; None guards them all."""
         self._expected = f"Bearer {token}".encode()
         self._method_prefix = f"/{service}/"
+        self._guarded = (
+            None if methods is None else frozenset(self._method_prefix + name for name in methods)
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -36,6 +40,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         handler = await continuation(handler_call_details)
         # None is an unknown method, which grpc answers UNIMPLEMENTED.
         if handler is None or not handler_call_details.method.startswith(self._method_prefix):
+            return handler
+        if self._guarded is not None and handler_call_details.method not in self._guarded:
             return handler
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler

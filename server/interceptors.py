@@ -48,6 +48,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 REQUEST_ID_KEY = "x-request-id"
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+_CODE_NAME_SET = frozenset(_CODE_NAMES.values())
 # What a caller's id may grow to once escaped (each character at most 10): still a
 # small trailer.
 _REQUEST_ID_LIMIT = CLIENT_TEXT_LIMIT
@@ -360,6 +361,14 @@ def _open_inference_answer(response: v2.ModelInferResponse) -> _Answer:
     return _Answer((response.model_name, response.id), response.model_version, None, codes)
 
 
+def _open_inference_stream_answer(response: v2.ModelStreamInferResponse) -> _Answer:
+    if response.error_message:
+        # "<STATUS>: <why>", with no model or id to match: the oldest request takes it.
+        code = response.error_message.split(":", 1)[0]
+        return _Answer(("", ""), "", code if code in _CODE_NAME_SET else "UNKNOWN", [])
+    return _open_inference_answer(response.infer_response)
+
+
 def _bytes_rows(raw: bytes) -> list[str]:
     """The elements of a raw BYTES tensor: each a 4-byte little-endian length, then data."""
     rows, offset = [], 0
@@ -375,13 +384,16 @@ def _code_name(code: int) -> str:
 
 
 _VISIONRPC = _Messages(_visionrpc_asked, _visionrpc_answer)
-_INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_INFERENCE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _OPEN_INFERENCE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The calls that carry predictions, so the ``visionrpc_*`` request families count them.
 PREDICTION_METHODS = {
     f"/{_INFERENCE}/Predict": _VISIONRPC,
     f"/{_INFERENCE}/PredictStream": _VISIONRPC,
     f"/{_OPEN_INFERENCE}/ModelInfer": _Messages(_open_inference_asked, _open_inference_answer),
+    f"/{_OPEN_INFERENCE}/ModelStreamInfer": _Messages(
+        _open_inference_asked, _open_inference_stream_answer
+    ),
 }
 
 

@@ -130,11 +130,6 @@ class ModelConfig:
     training: TrainingSummary = field(default_factory=TrainingSummary)
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
 
-    @property
-    def output_width(self) -> int:
-        """The number of floats the model returns per image."""
-        return 2 * len(self.labels) if self.task == "points" else len(self.labels)
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["labels"] = list(self.labels)

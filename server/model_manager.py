@@ -22,8 +22,9 @@ Modes (``--model-control``), as Triton's ``--model-control-mode``:
 A swap: the versions to add load and warm up off the event loop while the old ones keep
 serving; then ``ModelRepository.publish`` switches the model's version set at once, so
 unpinned traffic moves to the newest version in one step. Versions taken out wait until
-the calls holding them finish, then their batcher closes and their session is dropped
-and the freed heap handed back to the OS. A config or version that fails to load leaves
+the calls holding them finish, then their batcher closes and the last reference to their
+session goes, which frees its memory (onnxruntime's weights and arena are large blocks that
+go straight back to the OS). A config or version that fails to load leaves
 everything that served in place; the failure is logged with its file and reason, counted
 in ``visionrpc_model_load_failures_total`` and shown in the index, and the same file is
 not retried until it changes.
@@ -32,9 +33,7 @@ not retried until it changes.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import enum
-import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -203,17 +202,19 @@ class ModelManager:
                 )
             )
             await self._notify(name)
+            versions = sorted(model.version for model in retired)
             await self._retire(retired)
+            del retired  # the last references: the sessions' memory goes with them
             status = ModelStatus(
                 name=name,
                 versions=tuple(
-                    VersionStatus(model.version, VersionState.UNAVAILABLE, UNLOADED)
-                    for model in retired
+                    VersionStatus(version, VersionState.UNAVAILABLE, UNLOADED)
+                    for version in versions
                 ),
                 reason=UNLOADED,
             )
             self.repository.set_status(status)
-            if retired:
+            if versions:
                 logger.info("model %s unloaded", name, extra={"model": name})
             return status
 
@@ -387,8 +388,12 @@ class ModelManager:
                 path, reason = folder.config_file, str(exc)
             else:
                 known.config_failure = None
-                if folder.config_stamp != known.config_stamp:
-                    self.repository.clear_failure(folder.name, folder.config_file)
+                self.repository.clear_failure(folder.name, folder.config_file)
+                # Training rewrites the config with every version, mostly unchanged: the
+                # same content must not reload the versions that serve.
+                if config == known.config:
+                    known.config_stamp = folder.config_stamp
+                    return known.config
                 return config
         if known.config_failure != (folder.config_stamp, reason):
             known.config_failure = (folder.config_stamp, reason)
@@ -456,8 +461,6 @@ class ModelManager:
                 model.name
             ):
                 self._metrics.model_unloaded(model.name, str(model.version))
-        del models
-        await asyncio.to_thread(_release_memory)
 
     async def _notify(self, name: str) -> None:
         if self._on_serving_changed is not None and not self.repository.loading:
@@ -524,17 +527,3 @@ def _read_folder(model_dir: Path) -> _Folder | None:
             for version in model_versions(model_dir)
         },
     )
-
-
-def _release_memory() -> None:
-    """Collect the dropped sessions now and give glibc's freed heap back to the OS.
-
-    Without ``malloc_trim`` the freed weights stay in the process's heap arenas, and the
-    RSS an orchestrator watches would not show the unload.
-    """
-    gc.collect()
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim
-        return
-    libc.malloc_trim(0)

@@ -10,7 +10,8 @@ The mapping, which ModelMetadata's ``parameters`` and the README repeat:
 - **Options**: request ``parameters`` named as visionrpc.v1's options: ``top_k``,
   ``tta_views`` (integers), ``threshold``, ``min_confidence`` (numbers), ``tta``,
   ``all_scores`` (booleans) and ``threshold.<label>`` (a number per label). A parameter
-  of the wrong type or value, or an unknown one, is INVALID_ARGUMENT naming it. Triton's
+  of the wrong type or value, an unknown one, or one of another task's (``top_k`` for a
+  multilabel model...) is INVALID_ARGUMENT naming it. Triton's
   scheduling hints ``priority`` and ``timeout`` are accepted and ignored.
 - **Outputs**: the task's typed tensors (``tasks.<task>.v2_outputs``), plus
   ``tta_views`` INT32 ``[N]``, ``original_size`` INT32 ``[N, 2]`` (width, height) and
@@ -65,7 +66,10 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "tta_views": ("int", "how many of the model's TTA views to blend"),
     "all_scores": ("bool", "accepted for visionrpc.v1 parity: V2 always returns every label"),
 }
-_IGNORED_PARAMETERS = ("priority", "timeout")
+# tritonclient's stream asks for a flag on each request's last response (see oip.py).
+FINAL_RESPONSE_WANTED = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
+_IGNORED_PARAMETERS = ("priority", "timeout", FINAL_RESPONSE_WANTED)
 _PARAMETER_KINDS = {
     "int": ("int64_param", "uint64_param"),
     "number": ("double_param", "int64_param", "uint64_param"),
@@ -234,6 +238,7 @@ def in_parameter_terms(error: InvalidInput) -> InvalidInput:
         lambda match: f"parameters[{quoted('threshold.' + match.group(1))}]",
         error.message,
     )
+    message = re.sub(r"^options\.class_thresholds\b", "parameters['threshold.<label>']", message)
     message = re.sub(r"^options\.(\w+)", r"parameters['\1']", message)
     return InvalidInput(message)
 

@@ -105,14 +105,13 @@ def finish(
 
     A wrong output shape is the model's fault, not the caller's: it raises ValueError.
     """
-    expected = (len(resolved.views), config.output_width)
+    task = serving_task(config.task)
+    expected = (len(resolved.views), task.output_width(config))
     if outputs.shape != expected:
         raise ValueError(f"model {config.name} returned shape {outputs.shape}, expected {expected}")
     if len(geometries) != len(resolved.views):
         raise ValueError(f"{len(geometries)} geometries for {len(resolved.views)} views")
-    result: TaskResult = serving_task(config.task).postprocess(
-        config, resolved, outputs, geometries
-    )
+    result: TaskResult = task.postprocess(config, resolved, outputs, geometries)
     return ImageResult(
         result=result,
         tta_applied=resolved.tta_applied,

@@ -19,6 +19,7 @@ import grpc
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos import task_to_proto
 
 from .client_text import DETAILS_LIMIT, printable
 from .errors import ErrorKind, VisionRPCError
@@ -56,7 +57,7 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
         self, pipeline: Pipeline, repository: ModelRepository, *, stream_max_in_flight: int
     ) -> None:
@@ -119,7 +120,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             summaries.append(
                 pb.ModelSummary(
                     name=name,
-                    task=newest.config.task,
+                    task=task_to_proto(newest.config.task),
                     versions=[str(v) for v in self._repository.versions(name)],
                     provider=newest.runtime.provider,
                 )
@@ -145,7 +146,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 model=request.model,
                 version=request.version,
                 request_id=request.request_id,
-                error=pb.Status(code=code.value[0], message=message),
+                error=pb.ErrorStatus(code=code.value[0], message=message),
             )
         return response_to_proto(outcome, request.request_id)
 
@@ -190,7 +191,7 @@ def response_to_proto(outcome: PredictOutcome, request_id: str) -> pb.PredictRes
     return pb.PredictResponse(
         model=outcome.model.name,
         version=str(outcome.model.version),
-        task=outcome.model.config.task,
+        task=task_to_proto(outcome.model.config.task),
         results=[
             image_result_to_proto(result, outcome.model.config.task) for result in outcome.results
         ],
@@ -201,7 +202,7 @@ def response_to_proto(outcome: PredictOutcome, request_id: str) -> pb.PredictRes
 def image_result_to_proto(outcome: ImageResult | VisionRPCError, task: str) -> pb.ImageResult:
     if isinstance(outcome, VisionRPCError):
         code, message = status_of(outcome)
-        return pb.ImageResult(error=pb.Status(code=code.value[0], message=message))
+        return pb.ImageResult(error=pb.ErrorStatus(code=code.value[0], message=message))
     converted = pb.ImageResult(
         tta_applied=outcome.tta_applied,
         tta_views=outcome.tta_views,
@@ -219,7 +220,7 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         name=config.name,
         version=str(model.version),
         versions=[str(v) for v in versions],
-        task=config.task,
+        task=task_to_proto(config.task),
         labels=list(config.labels),
         input=pb.InputGeometry(
             height=config.input.height,

@@ -75,6 +75,9 @@ class ServingTask(Protocol):
 
     NAME: str
 
+    def output_width(self, config: ModelConfig) -> int:
+        """The number of floats the model returns per image (its output is [batch, width])."""
+
     def postprocess(
         self,
         config: ModelConfig,

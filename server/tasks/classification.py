@@ -23,6 +23,11 @@ class ClassificationResult:
     min_confidence: float
 
 
+def output_width(config: ModelConfig) -> int:
+    """One probability per label."""
+    return len(config.labels)
+
+
 def postprocess(
     config: ModelConfig,
     resolved: ResolvedOptions,

@@ -23,6 +23,11 @@ class MultiLabelResult:
     all_scores: list[LabelScore]
 
 
+def output_width(config: ModelConfig) -> int:
+    """One probability per label."""
+    return len(config.labels)
+
+
 def postprocess(
     config: ModelConfig,
     resolved: ResolvedOptions,

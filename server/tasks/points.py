@@ -37,6 +37,11 @@ class PointsResult:
     points: list[PointResult]
 
 
+def output_width(config: ModelConfig) -> int:
+    """Two floats per point, ``x0, y0, x1, y1, ...``, each in [-1, 1]."""
+    return 2 * len(config.labels)
+
+
 def postprocess(
     config: ModelConfig,
     resolved: ResolvedOptions,
@@ -66,7 +71,7 @@ def observe(observer: PredictionObserver, model: str, version: str, result: Poin
 
 def to_v1(result: PointsResult, message: pb.ImageResult) -> None:
     message.points.CopyFrom(
-        pb.Points(
+        pb.PointList(
             points=[
                 pb.Point(
                     name=point.name,

@@ -99,8 +99,8 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
                 tta_applied=True,
                 tta_views=3,
             ),
-            pb.ImageResult(points=pb.Points(points=[pb.Point(name="c", x=1.5, y=2.5)])),
-            pb.ImageResult(error=pb.Status(code=3, message="not an image")),
+            pb.ImageResult(points=pb.PointList(points=[pb.Point(name="c", x=1.5, y=2.5)])),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="not an image")),
         ],
     )
     first, second, third, fourth = decode_response(response, 10)
@@ -122,7 +122,7 @@ def test_an_image_error_raises_once_with_the_callers_index_when_asked() -> None:
     assert len(list(plan.requests())) == 2
     plan.accept(pb.PredictResponse(request_id="0", results=[classification("a")] * 2))
     # The server numbers images within its request: "image 0" is the caller's image 2.
-    bad = pb.ImageResult(error=pb.Status(code=3, message="image 0: bad"))
+    bad = pb.ImageResult(error=pb.ErrorStatus(code=3, message="image 0: bad"))
     plan.accept(pb.PredictResponse(request_id="1", results=[bad]))
     with pytest.raises(InvalidInputError) as caught:
         plan.results()
@@ -137,7 +137,7 @@ def test_results_are_json_serialisable_and_readable() -> None:
         version="1",
         results=[
             classification("beagle"),
-            pb.ImageResult(error=pb.Status(code=3, message="truncated")),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="truncated")),
         ],
     )
     result, error = decode_response(response, 0)
@@ -196,7 +196,7 @@ def test_batch_plan_raises_the_error_of_a_failed_streamed_request() -> None:
     (request,) = plan.requests()
     failed = pb.PredictResponse(
         request_id=request.request_id,
-        error=pb.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
+        error=pb.ErrorStatus(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
     )
     with pytest.raises(ModelNotFoundError, match="no model named"):
         plan.accept(failed)
@@ -231,7 +231,7 @@ def test_service_config_retries_only_unavailable_and_overloaded() -> None:
     config = json.loads(service_config(policy, "round_robin"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert {"service": "visionrpc.v1.Inference"} in method["name"]
+    assert {"service": "visionrpc.v1.InferenceService"} in method["name"]
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.1s",

@@ -25,7 +25,7 @@ from visionrpc.server.logging_setup import ACCESS_LOGGER, TextFormatter
 RED = png(solid(255, 0, 0))
 GARBAGE = b"not an image"
 REQUEST_ID = "x-request-id"
-PREDICT = "/visionrpc.v1.Inference/Predict"
+PREDICT = "/visionrpc.v1.InferenceService/Predict"
 # Metadata values are visible ASCII and spaces; this one is long.
 LONG_ID = "a caller's id " * 40
 FIELDS = ("method", "model", "version", "images", "failed_images", "status", "request_id")
@@ -51,8 +51,8 @@ async def served(
 
 
 @pytest.fixture
-def stub(served: tuple[RunningServer, grpc.aio.Channel]) -> pb_grpc.InferenceAsyncStub:
-    return pb_grpc.InferenceStub(served[1])
+def stub(served: tuple[RunningServer, grpc.aio.Channel]) -> pb_grpc.InferenceServiceAsyncStub:
+    return pb_grpc.InferenceServiceStub(served[1])
 
 
 def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -71,7 +71,7 @@ def trailing_ids(metadata: Any) -> list[str]:
 
 
 async def test_a_prediction_logs_one_line_and_returns_the_callers_id_in_the_trailer(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     request = encoded_request("colors", RED, GARBAGE, RED)
     call = stub.Predict(request, metadata=((REQUEST_ID, "abc-123"),))
@@ -95,7 +95,7 @@ async def test_a_prediction_logs_one_line_and_returns_the_callers_id_in_the_trai
 
 
 async def test_a_failed_request_logs_its_status_and_still_returns_the_id(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Predict(encoded_request("nope", RED, RED), metadata=((REQUEST_ID, "req-9"),))
@@ -115,7 +115,7 @@ async def test_a_failed_request_logs_its_status_and_still_returns_the_id(
 
 
 async def test_without_an_id_the_server_makes_one_and_sends_it_back(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     call = stub.Predict(encoded_request("colors", RED))
     await call
@@ -125,7 +125,7 @@ async def test_without_an_id_the_server_makes_one_and_sends_it_back(
 
 
 async def test_a_stream_logs_one_line_for_all_its_requests(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     requests = [
         encoded_request("colors", RED, request_id="a"),
@@ -137,7 +137,7 @@ async def test_a_stream_logs_one_line_for_all_its_requests(
     assert sorted(answer.request_id for answer in answers) == ["a", "b", "c"]
     assert trailing_ids(await call.trailing_metadata()) == ["stream-1"]
     [line] = access_records(caplog)
-    assert line.__dict__["method"] == "/visionrpc.v1.Inference/PredictStream"
+    assert line.__dict__["method"] == "/visionrpc.v1.InferenceService/PredictStream"
     assert line.__dict__["status"] == "OK"
     assert line.__dict__["request_id"] == "stream-1"
     assert line.__dict__["requests"] == 3
@@ -150,7 +150,7 @@ async def test_every_rpc_logs_a_line_health_and_model_listing_included(
     served: tuple[RunningServer, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, channel = served
-    stub = pb_grpc.InferenceStub(channel)
+    stub = pb_grpc.InferenceServiceStub(channel)
     await stub.ListModels(pb.ListModelsRequest(), metadata=((REQUEST_ID, "list"),))
     with pytest.raises(grpc.aio.AioRpcError):
         await stub.GetModelInfo(pb.GetModelInfoRequest(model="nope"))
@@ -158,15 +158,15 @@ async def test_every_rpc_logs_a_line_health_and_model_listing_included(
     await health.Check(health_pb2.HealthCheckRequest(service=""))
     lines = [(line["method"], line["status"]) for line in access_lines(caplog)]
     assert lines == [
-        ("/visionrpc.v1.Inference/ListModels", "OK"),
-        ("/visionrpc.v1.Inference/GetModelInfo", "NOT_FOUND"),
+        ("/visionrpc.v1.InferenceService/ListModels", "OK"),
+        ("/visionrpc.v1.InferenceService/GetModelInfo", "NOT_FOUND"),
         ("/grpc.health.v1.Health/Check", "OK"),
     ]
     assert access_lines(caplog)[0]["request_id"] == "list"
 
 
 async def test_concurrent_calls_each_log_their_own_request_id(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     ids = [f"concurrent-{n}" for n in range(16)]
     await asyncio.gather(
@@ -179,7 +179,7 @@ async def test_concurrent_calls_each_log_their_own_request_id(
 
 
 async def test_control_characters_a_caller_sends_cannot_forge_a_text_log_line(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     forged = "nope\n2026-01-01 00:00:00 INFO visionrpc.access: call status=OK\x1b[2J"
     with pytest.raises(grpc.aio.AioRpcError) as failure:

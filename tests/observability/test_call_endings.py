@@ -26,7 +26,7 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 RED = png(solid(255, 0, 0))
 # Waits a second for company before running: a request stays in flight that long.
 PATIENT_DELAY_MS = 1000
-INFERENCE = "visionrpc.v1.Inference"
+INFERENCE = "visionrpc.v1.InferenceService"
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ async def test_requests_a_cancelled_stream_left_unanswered_are_counted_as_cancel
         running_server(repository) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         sent = asyncio.Event()
 
         async def requests() -> AsyncIterator[pb.PredictRequest]:
@@ -109,7 +109,7 @@ async def short_deadline_load(address: str, image: bytes) -> Counter[str]:
     """24 unary and 8 streaming callers with 50 ms deadlines, and callers who give up."""
     outcomes: Counter[str] = Counter()
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
 
         async def unary() -> None:
             for _ in range(12):
@@ -165,7 +165,7 @@ async def test_expired_and_cancelled_calls_end_quietly_and_are_counted_under_the
         address = f"127.0.0.1:{port}"
         async with grpc.aio.insecure_channel(address) as channel:
             await asyncio.wait_for(channel.channel_ready(), timeout=60)
-            stub = pb_grpc.InferenceStub(channel)
+            stub = pb_grpc.InferenceServiceStub(channel)
             await stub.Predict(encoded_request("colors", RED), wait_for_ready=True, timeout=60)
         image = png(random_image(np.random.default_rng(0), 640, 480))
         outcomes = await short_deadline_load(address, image)

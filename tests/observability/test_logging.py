@@ -41,7 +41,7 @@ def access_log() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]
 def log_request(logger: logging.Logger) -> None:
     request_log(
         logger,
-        method="/visionrpc.v1.Inference/Predict",
+        method="/visionrpc.v1.InferenceService/Predict",
         status="OK",
         latency_seconds=0.0123456,
         request_id="req-17",
@@ -67,7 +67,7 @@ def test_json_access_line_carries_every_request_field(
         "level": "INFO",
         "logger": f"{ACCESS_LOGGER}.test",
         "message": "call",
-        "method": "/visionrpc.v1.Inference/Predict",
+        "method": "/visionrpc.v1.InferenceService/Predict",
         "status": "OK",
         "latency_ms": 12.346,
         "request_id": "req-17",
@@ -103,7 +103,7 @@ def test_text_access_line_reads_as_key_value_pairs(
     logger.info("plain message")
     request_line, plain_line = stream.getvalue().splitlines()
     assert request_line.endswith(
-        f"INFO {ACCESS_LOGGER}.test: call method=/visionrpc.v1.Inference/Predict status=OK"
+        f"INFO {ACCESS_LOGGER}.test: call method=/visionrpc.v1.InferenceService/Predict status=OK"
         " latency_ms=12.346 request_id=req-17 model=pets version=3 images=4 failed_images=1"
     )
     assert plain_line.endswith(f"INFO {ACCESS_LOGGER}.test: plain message")

@@ -214,9 +214,9 @@ def test_request_latency_is_kept_apart_by_status(metrics: ServerMetrics) -> None
 
 
 def test_rpc_metrics_count_each_call_by_method_and_status(metrics: ServerMetrics) -> None:
-    predict = metrics.for_rpc("unary", "visionrpc.v1.Inference", "Predict")
+    predict = metrics.for_rpc("unary", "visionrpc.v1.InferenceService", "Predict")
     get = metrics.registry.get_sample_value
-    method = {"grpc_type": "unary", "grpc_service": "visionrpc.v1.Inference"}
+    method = {"grpc_type": "unary", "grpc_service": "visionrpc.v1.InferenceService"}
     method["grpc_method"] = "Predict"
     # Started at zero, so rate() sees the first call as an increase.
     assert get("grpc_server_started_total", method) == 0.0

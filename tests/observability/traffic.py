@@ -28,7 +28,7 @@ def exercise(metrics: ServerMetrics) -> None:
     metrics.multilabel_observed("voc", "3", 2)
     metrics.points_observed("heads", "2", [-0.1, 0.3], [0.6, 0.9])
     metrics.tta_used("pets", "1", images=2)
-    rpc = metrics.for_rpc("unary", "visionrpc.v1.Inference", "Predict")
+    rpc = metrics.for_rpc("unary", "visionrpc.v1.InferenceService", "Predict")
     rpc.started()
     rpc.received()
     rpc.sent()

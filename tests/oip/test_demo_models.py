@@ -47,13 +47,25 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
         yield Demo(server, samples)
 
 
+def top_k(model: str) -> dict[str, int]:
+    # Only the classifier takes top_k: the other tasks refuse it.
+    return {"top_k": 3} if model == "pets" else {}
+
+
+def v1_options(model: str, tta: bool) -> pb.PredictionOptions:
+    options = pb.PredictionOptions(tta=tta)
+    if model == "pets":
+        options.top_k = top_k(model)["top_k"]
+    return options
+
+
 def v1_predict(demo: Demo, model: str, tta: bool) -> pb.PredictResponse:
     with grpc.insecure_channel(demo.server.address) as channel:
-        return pb_grpc.InferenceStub(channel).Predict(
+        return pb_grpc.InferenceServiceStub(channel).Predict(
             pb.PredictRequest(
                 model=model,
                 images=[pb.Image(encoded=data) for data in demo.images[model]],
-                options=pb.PredictionOptions(tta=tta, top_k=3),
+                options=v1_options(model, tta),
             )
         )
 
@@ -63,7 +75,7 @@ def v2_infer(demo: Demo, model: str, tta: bool) -> triton.InferResult:
     tensor.set_data_from_numpy(np.array(demo.images[model], dtype=np.object_))
     with triton.InferenceServerClient(url=demo.server.address) as client:
         assert client.is_model_ready(model)
-        return client.infer(model, [tensor], parameters={"tta": tta, "top_k": 3})
+        return client.infer(model, [tensor], parameters={"tta": tta, **top_k(model)})
 
 
 @pytest.mark.parametrize("tta", [False, True])

@@ -35,7 +35,7 @@ def test_kserve_grpc_client_gets_visionrpc_v1s_answers(tmp_path: Path) -> None:
         )
         assert run.returncode == 0, run.stderr
         with grpc.insecure_channel(server.address) as channel:
-            expected = pb_grpc.InferenceStub(channel).Predict(
+            expected = pb_grpc.InferenceServiceStub(channel).Predict(
                 pb.PredictRequest(
                     model="colors",
                     images=[pb.Image(encoded=path.read_bytes()) for path in files],

@@ -8,6 +8,7 @@ read at the server (its Prometheus registry) as well as at the client.
 from __future__ import annotations
 
 import json
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.grpc.aio as triton_aio
+from google.protobuf import descriptor_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -29,6 +32,8 @@ from tests.helpers.onnx_models import (
 from tests.helpers.server import RunningServer, running_server, server_in_thread
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 COLOURS = [(200, 30, 40), (20, 180, 60), (30, 40, 220)]
 
@@ -55,9 +60,9 @@ def client(server: RunningServer) -> Iterator[triton.InferenceServerClient]:
 
 
 @pytest.fixture
-def v1(server: RunningServer) -> Iterator[pb_grpc.InferenceStub]:
+def v1(server: RunningServer) -> Iterator[pb_grpc.InferenceServiceStub]:
     with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.InferenceStub(channel)
+        yield pb_grpc.InferenceServiceStub(channel)
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> bytes:
@@ -116,7 +121,7 @@ def test_health_metadata_config_and_index_calls_answer(
 
 
 def test_classification_answers_equal_visionrpc_v1(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [png(colour) for colour in COLOURS]
     result = client.infer("colors", [encoded_input(data)], parameters={"top_k": 2})
@@ -138,7 +143,7 @@ def test_classification_answers_equal_visionrpc_v1(
 
 
 def test_multilabel_answers_equal_visionrpc_v1_with_per_class_thresholds(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [png((200, 150, 40)), png((20, 30, 220))]
     result = client.infer(
@@ -172,7 +177,7 @@ def test_multilabel_answers_equal_visionrpc_v1_with_per_class_thresholds(
 
 
 def test_points_answer_in_original_pixels_equal_visionrpc_v1(
-    client: triton.InferenceServerClient, v1: pb_grpc.InferenceStub
+    client: triton.InferenceServerClient, v1: pb_grpc.InferenceServiceStub
 ) -> None:
     data = [dot_png((8.5, 6.5)), dot_png((20.5, 15.5))]
     result = client.infer("centroid", [encoded_input(data)])
@@ -205,9 +210,6 @@ def test_raw_uint8_pixels_answer_as_their_encoded_image(
 
 def test_model_metadata_parameters_describe_the_mapping(server: RunningServer) -> None:
     """ModelMetadataResponse.parameters (our extension) holds what get_model_config shows."""
-    from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
-    from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-
     with grpc.insecure_channel(server.address) as channel:
         stub = v2_grpc.GRPCInferenceServiceStub(channel)
         metadata = stub.ModelMetadata(v2.ModelMetadataRequest(name="centroid"))
@@ -220,9 +222,6 @@ def test_model_metadata_parameters_describe_the_mapping(server: RunningServer) -
 
 def test_typed_contents_answer_as_raw_contents(server: RunningServer) -> None:
     """Clients that fill ``contents`` instead of ``raw_input_contents`` get the same answer."""
-    from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
-    from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-
     data = [png(colour) for colour in COLOURS]
     pixels = np.full((1, 8, 8, 3), COLOURS[2], dtype=np.uint8)
     with grpc.insecure_channel(server.address) as channel:
@@ -278,6 +277,20 @@ def test_a_bad_parameter_is_invalid_argument_naming_it(
     assert f"parameters[{named}]" in raised.value.message()
 
 
+def test_a_parameter_of_another_task_is_invalid_argument_naming_it(
+    client: triton.InferenceServerClient,
+) -> None:
+    for model, parameters, named in (
+        ("centroid", {"threshold.x": 0.3}, "'threshold.<label>'"),
+        ("channels", {"top_k": 2}, "'top_k'"),
+        ("colors", {"threshold": 0.5}, "'threshold'"),
+    ):
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer(model, [encoded_input([png(COLOURS[0])])], parameters=parameters)
+        assert raised.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert raised.value.message().startswith(f"parameters[{named}]: does not apply")
+
+
 def test_an_unknown_output_is_refused_before_any_image_is_decoded(
     client: triton.InferenceServerClient, server: RunningServer
 ) -> None:
@@ -329,12 +342,60 @@ def test_an_unknown_model_is_not_found(client: triton.InferenceServerClient) -> 
     assert raised.value.status() == "StatusCode.NOT_FOUND"
 
 
-def test_model_control_says_it_is_not_available(client: triton.InferenceServerClient) -> None:
+def test_load_and_unload_say_how_to_enable_them_when_model_control_is_off(
+    client: triton.InferenceServerClient,
+) -> None:
     for call in (client.load_model, client.unload_model):
         with pytest.raises(InferenceServerException) as raised:
             call("colors")
         assert raised.value.status() == "StatusCode.UNIMPLEMENTED"
-        assert "model control is not available" in raised.value.message()
+        assert "--model-control-api on" in raised.value.message()
+    assert client.is_model_ready("colors")
+
+
+async def test_load_and_unload_control_the_models_with_the_control_token_alone(
+    repository: Path,
+) -> None:
+    inference, control = "inference-token-1234", "control-token-5678"
+    settings: dict[str, Any] = {
+        "model_control": "explicit",
+        "model_control_api": "on",
+        "load_model": ("colors",),
+        "auth_token": inference,
+        "model_control_token": control,
+    }
+    as_inference = {"authorization": f"Bearer {inference}"}
+    as_control = {"authorization": f"Bearer {control}"}
+    async with (
+        running_server(repository, **settings) as served,
+        triton_aio.InferenceServerClient(url=served.address) as client,
+    ):
+        index = await client.get_model_repository_index(headers=as_inference, as_json=True)
+        states = {m["name"]: m.get("state") for m in index["models"]}
+        assert states["colors"] == "READY" and states["channels"] != "READY"
+        assert not await client.is_model_ready("channels", headers=as_inference)
+
+        with pytest.raises(InferenceServerException) as refused:
+            await client.load_model("channels", headers=as_inference)
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        await client.load_model("channels", headers=as_control)
+        assert await client.is_model_ready("channels", headers=as_inference)
+        answer = await client.infer(
+            "channels", [encoded_input([png(COLOURS[2])])], headers=as_inference
+        )
+        assert b"blue" in answer.as_numpy("labels")[0].tolist()
+
+        await client.unload_model("colors", headers=as_control)
+        assert not await client.is_model_ready("colors", headers=as_inference)
+        with pytest.raises(InferenceServerException) as gone:
+            await client.infer("colors", [encoded_input([png(COLOURS[0])])], headers=as_inference)
+        assert gone.value.status() in ("StatusCode.NOT_FOUND", "StatusCode.UNAVAILABLE")
+        after = await client.get_model_repository_index(headers=as_inference, as_json=True)
+        assert "channels" in {m["name"] for m in after["models"] if m.get("state") == "READY"}
+
+        with pytest.raises(InferenceServerException) as missing:
+            await client.load_model("no-such-model", headers=as_control)
+        assert missing.value.status() == "StatusCode.NOT_FOUND"
 
 
 async def test_asyncio_client_infers_and_is_counted(repository: Path) -> None:
@@ -377,3 +438,106 @@ def test_inference_needs_the_bearer_token_when_one_is_set(repository: Path) -> N
             code="UNAUTHENTICATED",
         )  # fmt: skip
         assert refused == 1
+
+
+def _infer_request(name: str, datatype: str, shape: list[int]) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name="colors")
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("name", "datatype", "shape", "raw", "says"),
+    [
+        ("image", "BYTES", [1], b"\x03\x00\x00\x00abc", "'image' of 'BYTES'"),
+        ("images", "FP32", [1], b"\x00" * 4, "'images' of 'FP32'"),
+        ("images", "BYTES", [2], b"\x03\x00\x00\x00abc", "says 2 images"),
+        ("images", "BYTES", [1], b"\xff\x00\x00\x00abc", "runs past the end"),
+        ("images", "BYTES", [1, 2], b"", "[N] or [N, 1]"),
+        ("pixels", "UINT8", [1, 8, 8, 3], b"\x00" * 100, "needs 192 bytes"),
+        ("pixels", "UINT8", [8, 8, 3], b"\x00" * 192, "[N, H, W, C]"),
+    ],
+)
+def test_a_malformed_input_tensor_is_invalid_argument_saying_why(
+    server: RunningServer, name: str, datatype: str, shape: list[int], raw: bytes, says: str
+) -> None:
+    request = _infer_request(name, datatype, shape)
+    request.raw_input_contents.append(raw)
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError) as raised:
+        v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert says in str(raised.value.details())
+
+
+def test_images_of_shape_n_by_1_are_accepted_as_triton_batches_send_them(
+    server: RunningServer,
+) -> None:
+    data = png(COLOURS[1])
+    request = _infer_request("images", "BYTES", [1, 1])
+    request.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
+    with grpc.insecure_channel(server.address) as channel:
+        answer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    labels = answer.outputs[0]
+    assert labels.name == "labels" and list(labels.shape) == [1, 3]
+    assert answer.raw_output_contents[0][4:9] == b"green"
+
+
+def test_reflection_lists_and_describes_the_open_inference_service(
+    server: RunningServer,
+) -> None:
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="inference.GRPCInferenceService"
+        ),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="visionrpc.v1.InferenceService"
+        ),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listed, described, v1_described = list(stub.ServerReflectionInfo(iter(requests)))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "visionrpc.v1.InferenceService"} <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in described.file_descriptor_response.file_descriptor_proto
+    ]
+    methods = {m.name for f in files for s in f.service for m in s.method}
+    assert {"ServerLive", "ModelMetadata", "ModelInfer", "RepositoryIndex"} <= methods
+    assert v1_described.file_descriptor_response.file_descriptor_proto
+
+
+def test_a_stream_answers_each_request_and_reports_a_bad_one_without_ending(
+    client: triton.InferenceServerClient, server: RunningServer
+) -> None:
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    ok_before = count(server, "visionrpc_requests_total", model="colors", version="1", code="OK")
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, colour in enumerate(COLOURS):
+            client.async_stream_infer(
+                "colors",
+                [encoded_input([png(colour)])],
+                request_id=f"r{index}",
+                enable_empty_final_response=True,
+            )
+        client.async_stream_infer(
+            "colors", [encoded_input([png(COLOURS[0])])], parameters={"topk": 1}
+        )
+        received = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    labels = {}
+    errors = []
+    for result, error in received:
+        if error is not None:
+            errors.append(error.message())
+            continue
+        response = result.get_response()
+        labels[response.id] = result.as_numpy("labels")[0, 0]
+        assert response.parameters["triton_final_response"].bool_param
+    assert labels == {"r0": b"red", "r1": b"green", "r2": b"blue"}
+    assert len(errors) == 1 and errors[0].startswith("INVALID_ARGUMENT: parameters['topk']")
+    ok_after = count(server, "visionrpc_requests_total", model="colors", version="1", code="OK")
+    assert ok_after - ok_before == 3

@@ -63,7 +63,7 @@ class Trained:
 @dataclass(frozen=True)
 class Served:
     address: str
-    stub: pb_grpc.InferenceStub
+    stub: pb_grpc.InferenceServiceStub
     models: dict[str, Trained]
 
 
@@ -108,7 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server_in_thread(repository) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
-        yield Served(server.address, pb_grpc.InferenceStub(channel), models)
+        yield Served(server.address, pb_grpc.InferenceServiceStub(channel), models)
 
 
 def offline(trained: Trained, data: bytes) -> tuple[np.ndarray, Geometry]:

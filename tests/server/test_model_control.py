@@ -51,7 +51,9 @@ def red_score(temperature: float) -> float:
 async def predict(
     channel: grpc.aio.Channel, model: str = "colors", **fields: object
 ) -> pb.PredictResponse:
-    return await pb_grpc.InferenceStub(channel).Predict(encoded_request(model, RED, **fields))
+    return await pb_grpc.InferenceServiceStub(channel).Predict(
+        encoded_request(model, RED, **fields)
+    )
 
 
 async def health(channel: grpc.aio.Channel, service: str) -> int:

@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ModelTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TASK_UNSPECIFIED: _ModelTask.ValueType  # 0
+    MODEL_TASK_CLASSIFICATION: _ModelTask.ValueType  # 1
+    """One label per image: ImageResult.classification."""
+    MODEL_TASK_MULTILABEL: _ModelTask.ValueType  # 2
+    """Any number of labels per image: ImageResult.multilabel."""
+    MODEL_TASK_POINTS: _ModelTask.ValueType  # 3
+    """Named points per image: ImageResult.points."""
+
+class ModelTask(_ModelTask, metaclass=_ModelTaskEnumTypeWrapper):
+    """What a model predicts, and so which ImageResult field its answers fill.
+    Not named Task: that would clash with System.Threading.Tasks.Task in C#.
+    """
+
+MODEL_TASK_UNSPECIFIED: ModelTask.ValueType  # 0
+MODEL_TASK_CLASSIFICATION: ModelTask.ValueType  # 1
+"""One label per image: ImageResult.classification."""
+MODEL_TASK_MULTILABEL: ModelTask.ValueType  # 2
+"""Any number of labels per image: ImageResult.multilabel."""
+MODEL_TASK_POINTS: ModelTask.ValueType  # 3
+"""Named points per image: ImageResult.points."""
+Global___ModelTask: _TypeAlias = ModelTask  # noqa: Y015
 
 @_typing.final
 class RawImage(_message.Message):
@@ -323,7 +352,11 @@ class Point(_message.Message):
 Global___Point: _TypeAlias = Point  # noqa: Y015
 
 @_typing.final
-class Points(_message.Message):
+class PointList(_message.Message):
+    """Not named Points: C# cannot give a class a property of its own name, so the field
+    would come out as Points_.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POINTS_FIELD_NUMBER: _builtins.int
@@ -340,11 +373,13 @@ class Points(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Points: _TypeAlias = Points  # noqa: Y015
+Global___PointList: _TypeAlias = PointList  # noqa: Y015
 
 @_typing.final
-class Status(_message.Message):
-    """A gRPC status for one image or one streamed request: code is a grpc.StatusCode value."""
+class ErrorStatus(_message.Message):
+    """A gRPC status for one image or one streamed request: code is a grpc.StatusCode value.
+    Not named Status: that would clash with Grpc.Core.Status (C#) and io.grpc.Status (Java).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -364,7 +399,7 @@ class Status(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Status: _TypeAlias = Status  # noqa: Y015
+Global___ErrorStatus: _TypeAlias = ErrorStatus  # noqa: Y015
 
 @_typing.final
 class ImageResult(_message.Message):
@@ -388,16 +423,16 @@ class ImageResult(_message.Message):
     @_builtins.property
     def multilabel(self) -> Global___MultiLabel: ...
     @_builtins.property
-    def points(self) -> Global___Points: ...
+    def points(self) -> Global___PointList: ...
     @_builtins.property
-    def error(self) -> Global___Status: ...
+    def error(self) -> Global___ErrorStatus: ...
     def __init__(
         self,
         *,
         classification: Global___Classification | None = ...,
         multilabel: Global___MultiLabel | None = ...,
-        points: Global___Points | None = ...,
-        error: Global___Status | None = ...,
+        points: Global___PointList | None = ...,
+        error: Global___ErrorStatus | None = ...,
         tta_applied: _builtins.bool = ...,
         tta_views: _builtins.int = ...,
         original_width: _builtins.int = ...,
@@ -425,14 +460,14 @@ class PredictResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
-    task: _builtins.str
+    task: Global___ModelTask.ValueType
     request_id: _builtins.str
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageResult]:
         """One per input image, in input order."""
 
     @_builtins.property
-    def error(self) -> Global___Status:
+    def error(self) -> Global___ErrorStatus:
         """PredictStream only: set when the whole request failed; results is then empty."""
 
     def __init__(
@@ -440,10 +475,10 @@ class PredictResponse(_message.Message):
         *,
         model: _builtins.str = ...,
         version: _builtins.str = ...,
-        task: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
         results: _abc.Iterable[Global___ImageResult] | None = ...,
         request_id: _builtins.str = ...,
-        error: Global___Status | None = ...,
+        error: Global___ErrorStatus | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -473,21 +508,21 @@ class ModelSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    TASK_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    task: _builtins.str
     provider: _builtins.str
+    task: Global___ModelTask.ValueType
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        task: _builtins.str = ...,
         versions: _abc.Iterable[_builtins.str] | None = ...,
         provider: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -692,7 +727,7 @@ class ModelInfo(_message.Message):
     ACCEPTED_EXTENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
-    task: _builtins.str
+    task: Global___ModelTask.ValueType
     threshold: _builtins.float
     """multilabel: default threshold and per-label defaults."""
     min_confidence: _builtins.float
@@ -737,7 +772,7 @@ class ModelInfo(_message.Message):
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         versions: _abc.Iterable[_builtins.str] | None = ...,
-        task: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         input: Global___InputGeometry | None = ...,
         threshold: _builtins.float = ...,
