@@ -6,9 +6,11 @@ still loading,
 ``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
-Prometheus endpoint; then load the models (sessions and warm-up) and turn health
-SERVING. Listening first lets orchestrators see a live process that is not ready yet
-(instead of a refused connection) while models load, and scrape it meanwhile.
+Prometheus endpoint; then the model manager loads the models (sessions and warm-up) and
+turns health SERVING, and with ``--model-control poll`` keeps rescanning the repository
+(``ModelControlService`` is added only with ``--model-control-api on``). Listening first
+lets orchestrators see a live process that is not ready yet (instead of a refused
+connection) while models load, and scrape it meanwhile.
 On a signal: health turns NOT_SERVING and health watches end once told so, new calls
 are refused, in-flight calls get ``shutdown_grace_seconds`` to finish, then the batchers
 close.
