@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,11 +33,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
+from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
+from .interceptors import ObservabilityInterceptor
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
@@ -57,8 +61,6 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
     "ModelControlService"
 ].full_name
-# The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
-PREDICT_METHODS = ("Predict", "PredictStream")
 
 
 @dataclass
@@ -108,33 +110,35 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         metrics,
     )
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight
     )
-    # One interceptor per protected service: both APIs need the token, health does not.
-    interceptors = (
-        []
-        if auth_token is None
-        else [
-            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
+    observability = ObservabilityInterceptor(
+        metrics,
+        _version_resolver(repository),
+        (
+            pb.DESCRIPTOR.services_by_name["InferenceService"],
+            v2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
+    )
+    # The first interceptor wraps the others, so calls refused for their token are
+    # observed like any other. Both prediction APIs need the token, health does not.
+    interceptors: list[Any] = [observability]
+    if auth_token is not None:
+        interceptors += [
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE),
             BearerTokenInterceptor(
-                auth_token,
-                OPEN_INFERENCE_SERVICE,
-                metrics,
-                ("ModelInfer", "ModelStreamInfer"),
-                methods=OIP_INFERENCE_METHODS,
+                auth_token, OPEN_INFERENCE_SERVICE, methods=OIP_INFERENCE_METHODS
             ),
         ]
-    )
     if settings.model_control_api == "on" and control_token is not None:
         # Its own token: a client trusted to predict is not thereby trusted to unload.
-        interceptors.append(
-            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
-        )
-        interceptors.append(
+        interceptors += [
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE),
             BearerTokenInterceptor(
-                control_token, OPEN_INFERENCE_SERVICE, metrics, (), methods=OIP_CONTROL_METHODS
-            )
-        )
+                control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
+            ),
+        ]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -175,7 +179,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             pipeline,
             repository,
             health_servicer,
-            metrics,
             manager,
             model_control=settings.model_control_api == "on",
             stream_max_in_flight=settings.stream_max_in_flight,
@@ -252,6 +255,19 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
+
+
+def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
+    """The version a failed request was for: the newest when it named none and the model
+    is known, else what it asked for."""
+
+    def resolve(model: str, version: str) -> str:
+        try:
+            return str(repository.get(model, version or None).version)
+        except VisionRPCError:
+            return version
+
+    return resolve
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:
