@@ -262,16 +262,6 @@ def decode_result(
     )
 
 
-def decode_response(response: pb.PredictResponse, first_index: int) -> list[Prediction]:
-    """Every image's result of one response, in order, numbered from ``first_index``."""
-    return [
-        decode_result(
-            result, response.model, response.version, first_index + i, position_in_request=i
-        )
-        for i, result in enumerate(response.results)
-    ]
-
-
 def raise_first_error(results: Sequence[Prediction]) -> None:
     """``raise_on_error``: the first failed input's error, naming it, as an exception."""
     for result in results:

@@ -1,12 +1,10 @@
 """The gRPC servicer: protobuf to plain Python and back, and the one error table.
 
 Everything else (decoding, batching, running, postprocessing) lives in the
-transport-free pipeline. Domain errors map to status codes through ``STATUS_CODES``;
-anything unexpected is logged and answered with INTERNAL.
-
-Each Predict call, and each request of a PredictStream, ends in ``ServerMetrics`` and
-one access-log line carrying the call's request id: the caller's ``x-request-id``
-metadata, or a new one, echoed in the response's initial and trailing metadata.
+transport-free pipeline; metrics, access logs and request ids belong to
+``interceptors.ObservabilityInterceptor``, which reads the messages this servicer takes
+and returns. Domain errors map to status codes through ``STATUS_CODES``; anything
+unexpected is logged and answered with INTERNAL.
 """
 
 from __future__ import annotations
@@ -14,20 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import task_to_proto
 
+from .client_text import DETAILS_LIMIT, printable
 from .errors import ErrorKind, VisionRPCError
-from .logging_setup import ACCESS_LOGGER, request_log
-from .metrics import ServerMetrics
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
 from .preprocess import REPORTED_FORMATS, accepted_extensions
@@ -35,9 +30,6 @@ from .repository import LoadedModel, ModelRepository
 from .tasks import serving_task
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger(ACCESS_LOGGER)
-
-REQUEST_ID_KEY = "x-request-id"
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -54,41 +46,31 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a caller sees for an error; unexpected ones are logged here, once."""
+    """The status a caller sees for an error; unexpected ones are logged here, once.
+
+    Messages quote what the caller sent (a model name, a label); escaped and cut, a
+    message stays one readable line and fits the client's metadata limit.
+    """
     if isinstance(error, VisionRPCError):
-        return STATUS_CODES[error.kind], error.message
+        return STATUS_CODES[error.kind], printable(error.message, DETAILS_LIMIT, raw=False)
     logger.error("unexpected error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
-        self,
-        pipeline: Pipeline,
-        repository: ModelRepository,
-        *,
-        stream_max_in_flight: int,
-        metrics: ServerMetrics | None = None,
+        self, pipeline: Pipeline, repository: ModelRepository, *, stream_max_in_flight: int
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
-        self._metrics = ServerMetrics(CollectorRegistry()) if metrics is None else metrics
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        request_id = await _exchange_request_id(context)
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
-            except asyncio.CancelledError:
-                self._finished(request, _cancellation_code(context), started, request_id)
-                raise
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                await context.abort(code, message)
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
         return response_to_proto(outcome, request.request_id)
 
     async def PredictStream(
@@ -99,13 +81,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         A slot frees only once its answer is sent, so a client that stops reading
         stops the server from reading (and working on) more of its requests.
         """
-        request_id = await _exchange_request_id(context)
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
 
         async def answer(request: pb.PredictRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline, request_id))
+            answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
             in_flight: set[asyncio.Task[None]] = set()
@@ -155,77 +136,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return model_info_to_proto(model, self._repository.versions(model.name))
 
     async def _stream_answer(
-        self, request: pb.PredictRequest, deadline: float | None, request_id: str
+        self, request: pb.PredictRequest, deadline: float | None
     ) -> pb.PredictResponse:
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), deadline)
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                return pb.PredictResponse(
-                    model=request.model,
-                    version=request.version,
-                    request_id=request.request_id,
-                    error=pb.ErrorStatus(code=code.value[0], message=message),
-                )
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
-        return response_to_proto(outcome, request.request_id)
-
-    def _finished(
-        self,
-        request: pb.PredictRequest,
-        code: grpc.StatusCode,
-        started: float,
-        request_id: str,
-        outcome: PredictOutcome | None = None,
-    ) -> None:
-        """Metrics and the access-log line of one answered request."""
-        seconds = time.perf_counter() - started
-        version = self._version_of(request) if outcome is None else str(outcome.model.version)
-        images = len(request.images)
-        self._metrics.request_finished(request.model, version, code.name, images, seconds)
-        if outcome is not None:
-            for result in outcome.results:
-                image_code = "OK"
-                if isinstance(result, VisionRPCError):
-                    image_code = STATUS_CODES[result.kind].name
-                self._metrics.image_finished(request.model, version, image_code)
-        request_log(
-            access_logger,
-            model=request.model,
-            version=version,
-            images=images,
-            status=code.name,
-            latency_seconds=seconds,
-            request_id=request_id,
-        )
-
-    def _version_of(self, request: pb.PredictRequest) -> str:
-        """The version a failed request was for: resolved when the model is known."""
         try:
-            return str(self._repository.get(request.model, request.version).version)
-        except VisionRPCError:
-            return request.version
-
-
-async def _exchange_request_id(context: Context) -> str:
-    """The caller's ``x-request-id``, or a new one; echoed so both sides log the same id."""
-    sent = [value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY]
-    request_id = str(sent[0]) if sent else uuid.uuid4().hex
-    echo = ((REQUEST_ID_KEY, request_id),)
-    await context.send_initial_metadata(echo)
-    context.set_trailing_metadata(echo)
-    return request_id
-
-
-def _cancellation_code(context: Context) -> grpc.StatusCode:
-    """A handler cancelled by grpc: its deadline passed, or the caller went away."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+            outcome = await self._pipeline.predict(call_from_proto(request), deadline)
+        except Exception as exc:
+            code, message = status_of(exc)
+            return pb.PredictResponse(
+                model=request.model,
+                version=request.version,
+                request_id=request.request_id,
+                error=pb.ErrorStatus(code=code.value[0], message=message),
+            )
+        return response_to_proto(outcome, request.request_id)
 
 
 def _deadline(context: Context) -> float | None:

@@ -11,7 +11,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from tests.client.conftest import random_images, solid, write_test_models
@@ -31,6 +33,8 @@ from visionrpc.client import (
     UnauthenticatedError,
     UnavailableError,
 )
+from visionrpc.client.channel import SERVICE_NAME
+from visionrpc.protos import inference_pb2 as pb
 
 IMAGE = solid((0, 200, 0))
 SERVE = [
@@ -282,3 +286,31 @@ def test_info_shows_every_default_in_force_in_height_by_width(server: RunningSer
     limit = info.max_images_per_request or "no limit"
     assert f"max images per request: {limit}" in lines
     assert "accepted formats: JPEG, MPO, PNG, WEBP, BMP, GIF" in lines
+
+
+async def test_an_answer_with_oversized_metadata_is_not_reported_as_overload() -> None:
+    async def predict(request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no model named " + "x" * 20_000)
+        raise AssertionError("abort returns only by raising")
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                predict,
+                request_deserializer=pb.PredictRequest.FromString,
+                response_serializer=pb.PredictResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(InvalidInputError, match="metadata too large") as caught:
+                await client.predict("colors", IMAGE)
+    finally:
+        await server.stop(None)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
