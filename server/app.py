@@ -145,6 +145,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            *settings.connection_options(),
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
