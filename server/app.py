@@ -7,9 +7,10 @@ interceptor and message-size limits, the port (TLS when configured), start, the
 Prometheus endpoint; then load the models (sessions and warm-up) and turn health
 SERVING. Listening first lets orchestrators see a live process that is not ready yet
 (instead of a refused connection) while models load, and scrape it meanwhile.
-On a signal: health turns NOT_SERVING and health watches end once told so, new calls
-are refused, in-flight calls get ``shutdown_grace_seconds`` to finish, then the batchers
-close.
+On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
+health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
+calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
+the gRPC server stop, and the batchers close.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
+from .drain import Drain, DrainInterceptor
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
 from .pipeline import Pipeline
@@ -56,13 +59,26 @@ class RunningApp:
     repository: ModelRepository
     health: HealthServicer
     metrics: ServerMetrics
+    drain: Drain
     _decode_executor: ThreadPoolExecutor
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuse new calls, give in-flight ones the grace period, then release everything."""
+        """Refuse new calls, let the ones in handlers finish within the grace, then stop.
+
+        ``server.stop`` comes last because it cancels the calls gRPC holds but has not
+        handed to a handler yet; by then the drain has answered every one of ours.
+        """
+        deadline = time.monotonic() + grace_seconds
+        self.drain.begin()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_seconds)
+        if not await self.drain.wait_idle(grace_seconds):
+            logger.warning(
+                "%d calls still running after the %.1f s grace are cancelled",
+                self.drain.in_flight,
+                grace_seconds,
+            )
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.close()
         self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
@@ -89,15 +105,26 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
         decode_executor,
         metrics,
+        max_images_per_request=settings.max_images_per_request,
+        decode_backlog=settings.decode_backlog,
+        decode_threads=threads.preprocess_workers,
     )
+    drain = Drain()
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
+        pipeline,
+        repository,
+        stream_max_in_flight=settings.stream_max_in_flight,
+        metrics=metrics,
+        drain=drain,
     )
-    interceptors = (
-        []
-        if auth_token is None
-        else [BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)]
-    )
+    # The drain's goes first: a call refused while draining costs nothing else.
+    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
+        DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,))
+    ]
+    if auth_token is not None:
+        interceptors.append(
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)
+        )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -130,6 +157,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         repository=repository,
         health=health_servicer,
         metrics=metrics,
+        drain=drain,
         _decode_executor=decode_executor,
         _metrics_server=metrics_server,
     )

@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The retry hint of a call made while models load: a warm-up takes seconds, so sooner
+# would only spend the caller's attempts (gRPC allows at most 5).
+LOADING_RETRY_AFTER = 1.0
+
 
 @dataclass(frozen=True)
 class LoadFailure:
@@ -104,7 +108,10 @@ class ModelRepository:
     def get(self, name: str, version: str | int | None = None) -> LoadedModel:
         """A model version; the newest when ``version`` is None or empty."""
         if self.loading:
-            raise Unavailable("the server is still loading its models; retry shortly")
+            raise Unavailable(
+                "the server is still loading its models; retry shortly",
+                retry_after_seconds=LOADING_RETRY_AFTER,
+            )
         if name not in self._models:
             if any(failure.model == name for failure in self.failures):
                 # The reason names server paths, so it goes to the log, not to callers.
@@ -199,7 +206,13 @@ def load_model(
             config.name, str(version), config.task, runtime.provider, runtime.warmup_seconds
         )
         observer = metrics.for_batcher(config.name, str(version))
-    batcher = Batcher(runtime.run, batching, name=f"{config.name}:{version}", observer=observer)
+    batcher = Batcher(
+        runtime.run,
+        batching,
+        name=f"{config.name}:{version}",
+        observer=observer,
+        expected_batch_seconds=runtime.warmup_seconds,
+    )
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher
     )

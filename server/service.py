@@ -6,7 +6,10 @@ anything unexpected is logged and answered with INTERNAL.
 
 Each Predict call, and each request of a PredictStream, ends in ``ServerMetrics`` and
 one access-log line carrying the call's request id: the caller's ``x-request-id``
-metadata, or a new one, echoed in the response's initial and trailing metadata.
+metadata, or a new one, echoed in the trailing metadata. Nothing is sent before a
+call's outcome is known: initial metadata would commit the call, and gRPC never retries
+a committed call. Refusals that mean "not now" carry ``grpc-retry-pushback-ms``, which
+gRPC clients obey as the time to wait before their retry.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
+from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
 from .logging_setup import ACCESS_LOGGER, request_log
 from .metrics import ServerMetrics
@@ -41,6 +45,8 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_KEY = "x-request-id"
+# gRPC's retry design: a client waits this many milliseconds before retrying the call.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -71,14 +77,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         *,
         stream_max_in_flight: int,
         metrics: ServerMetrics | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
+        self._drain = Drain() if drain is None else drain
         self._metrics = ServerMetrics(CollectorRegistry()) if metrics is None else metrics
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        request_id = await _exchange_request_id(context)
+        request_id = _echo_request_id(context)
         started = time.perf_counter()
         with self._metrics.in_flight(request.model):
             try:
@@ -89,7 +97,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             except Exception as exc:
                 code, message = status_of(exc)
                 self._finished(request, code, started, request_id)
-                await context.abort(code, message)
+                await _abort(context, code, message, exc, request_id)
         self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
         return response_to_proto(outcome, request.request_id)
 
@@ -99,26 +107,40 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Answers requests concurrently, at most ``stream_max_in_flight`` at a time.
 
         A slot frees only once its answer is sent, so a client that stops reading
-        stops the server from reading (and working on) more of its requests.
+        stops the server from reading (and working on) more of its requests. Once the
+        server drains, the stream reads no more requests, answers the ones it has and
+        ends with UNAVAILABLE, so an idle stream does not hold the shutdown.
         """
-        request_id = await _exchange_request_id(context)
+        request_id = _echo_request_id(context)
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
+        cut_by_drain = False
 
         async def answer(request: pb.PredictRequest) -> None:
             answers.put_nowait(await self._stream_answer(request, deadline, request_id))
 
         async def read_requests() -> None:
+            nonlocal cut_by_drain
             in_flight: set[asyncio.Task[None]] = set()
+            drained = asyncio.ensure_future(self._drain.started())
             try:
-                async for request in request_iterator:
+                while True:
+                    reading = asyncio.ensure_future(anext(request_iterator, None))
+                    await asyncio.wait((reading, drained), return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()
+                        cut_by_drain = True
+                        break
+                    if (request := reading.result()) is None:
+                        break
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 await asyncio.gather(*in_flight)
             finally:
+                drained.cancel()
                 for task in in_flight:
                     task.cancel()
                 answers.put_nowait(None)
@@ -131,6 +153,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await reader
         finally:
             reader.cancel()
+        if cut_by_drain:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -153,8 +177,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model = self._repository.get(request.model, request.version)
         except VisionRPCError as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
-        return model_info_to_proto(model, self._repository.versions(model.name))
+            await _abort(context, code, message, exc)
+        return model_info_to_proto(
+            model, self._repository.versions(model.name), self._pipeline.limit_for(model)
+        )
 
     async def _stream_answer(
         self, request: pb.PredictRequest, deadline: float | None, request_id: str
@@ -212,14 +238,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return request.version
 
 
-async def _exchange_request_id(context: Context) -> str:
-    """The caller's ``x-request-id``, or a new one; echoed so both sides log the same id."""
+def _echo_request_id(context: Context) -> str:
+    """The caller's ``x-request-id``, or a new one; echoed so both sides log the same id.
+
+    Trailing metadata only: sending initial metadata now would commit the call, and
+    gRPC would never retry it.
+    """
     sent = [value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY]
     request_id = str(sent[0]) if sent else uuid.uuid4().hex
-    echo = ((REQUEST_ID_KEY, request_id),)
-    await context.send_initial_metadata(echo)
-    context.set_trailing_metadata(echo)
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
     return request_id
+
+
+async def _abort(
+    context: Context,
+    code: grpc.StatusCode,
+    message: str,
+    error: Exception,
+    request_id: str | None = None,
+) -> None:
+    """End the call with ``code``, the request id and, for "not now", the retry hint."""
+    metadata: list[tuple[str, str]] = []
+    if request_id is not None:
+        metadata.append((REQUEST_ID_KEY, request_id))
+    retry_after = getattr(error, "retry_after_seconds", None)
+    if retry_after is not None:
+        metadata.append((PUSHBACK_KEY, str(max(1, round(retry_after * 1000)))))
+    await context.abort(code, message, trailing_metadata=tuple(metadata))
 
 
 def _cancellation_code(context: Context) -> grpc.StatusCode:
@@ -324,7 +369,9 @@ def _label_score(item: LabelScore) -> pb.LabelScore:
     return pb.LabelScore(label=item.label, score=item.score, threshold=item.threshold)
 
 
-def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+def model_info_to_proto(
+    model: LoadedModel, versions: list[int], max_images_per_request: int
+) -> pb.ModelInfo:
     config = model.config
     return pb.ModelInfo(
         name=config.name,
@@ -358,4 +405,5 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         dataset=config.training.dataset,
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
+        max_images_per_request=max_images_per_request,
     )

@@ -65,6 +65,13 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     # Threads that decode and resize images.
     preprocess_workers: int = 0
+    # Images waiting for or in a decode thread, over all requests. Beyond it requests
+    # are refused (RESOURCE_EXHAUSTED) before decoding; the models' queues bound it too.
+    decode_backlog: int = 256
+    # The most images one Predict request (or one request of a stream) may carry; a
+    # model whose queue cannot hold that many with all its TTA views gets a lower limit
+    # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
+    max_images_per_request: int = 64
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
@@ -78,7 +85,14 @@ class ServerSettings:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.intra_op_spinning not in SWITCHES:
             raise SettingsError("intra_op_spinning must be on or off")
-        for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "stream_max_in_flight",
+            "max_images_per_request",
+            "decode_backlog",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         for name in (

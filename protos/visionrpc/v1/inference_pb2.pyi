@@ -685,6 +685,7 @@ class ModelInfo(_message.Message):
     TRAINED_AT_FIELD_NUMBER: _builtins.int
     CONFIG_JSON_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     task: _builtins.str
@@ -700,6 +701,8 @@ class ModelInfo(_message.Message):
     """The whole model config as JSON, for anything not broken out above."""
     top_k: _builtins.int
     """classification: how many labels a request gets when it does not say."""
+    max_images_per_request: _builtins.int
+    """The most images one request may carry; more is INVALID_ARGUMENT. Split longer lists."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -734,10 +737,11 @@ class ModelInfo(_message.Message):
         trained_at: _builtins.str = ...,
         config_json: _builtins.str = ...,
         top_k: _builtins.int = ...,
+        max_images_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "input", b"input", "tta", b"tta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "max_images_per_request", b"max_images_per_request", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
