@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[server,train,dev]'
 	touch $@
 
+# Node tools (buf) pinned by package-lock.json; npm comes from .ci/system-deps.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 install: $(VENV)/.installed
 
 # Debian packages the tests drive for real (Prometheus, container tooling).
@@ -34,14 +39,16 @@ demo: install
 serve: demo
 	$(BIN)/visionrpc serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-lint: install
+lint: install node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy -p visionrpc
 	$(BIN)/mypy tests bench
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
+	node_modules/.bin/buf lint
 
-test: install system-deps lint
+# system-deps first: lint needs npm on a clean machine.
+test: system-deps install lint
 	$(BIN)/pytest -q -ra
 
 bench: install

@@ -1,18 +1,34 @@
-"""Server throughput against raw onnxruntime, with a ResNet-18 at 224x224.
+"""Server throughput and latency against raw onnxruntime, with a ResNet-18 at 224x224.
 
-    .venv/bin/python bench/serve_bench.py                  # full run, about 2 minutes
-    .venv/bin/python bench/serve_bench.py --duration 3 --raw-duration 2 --concurrency 1 32
+    .venv/bin/python bench/serve_bench.py           # the README's table, about 4 minutes
+    .venv/bin/python bench/serve_bench.py --int8    # plus int8 rows, about 8 minutes
+    .venv/bin/python bench/serve_bench.py --quick   # a smoke run, under a minute
 
 Builds a ResNet-18 (random weights: the speed is the same) that takes uint8 NHWC and
 normalises inside the graph, exports it to ONNX with a dynamic batch axis into a
-temporary repository, then:
+temporary repository (with ``--int8`` also a statically quantized copy, calibrated on
+generated photos), then:
 
-1. measures raw in-process onnxruntime throughput at several batch sizes and keeps
-   the best (no decoding, no gRPC: the ceiling for the server);
-2. starts ``visionrpc serve`` in a subprocess (so client and server do not share a
-   GIL) and drives C concurrent single-image Predict calls for a fixed time each,
-   printing images/s, p50/p99 latency and the ratio to raw;
-3. repeats one concurrency with ``--max-batch-size 1`` to show what batching does.
+1. measures raw in-process onnxruntime at several batch sizes, with onnxruntime's default
+   threads and spinning on and off (no decoding, no gRPC), and keeps the best: the
+   server's ceiling;
+2. starts ``visionrpc serve`` in a subprocess with its default settings (INFO access
+   log to a file, metrics on) and drives C concurrent clients, each sending one
+   single-image Predict after another, for each input: raw 224x224 pixels, a 224x224
+   JPEG, a 500x375 JPEG (a typical web photo) and a 4000x3000 JPEG (a phone photo);
+   completions are counted over a fixed window after a warm-up;
+3. reads the server's ``visionrpc_batch_size`` histogram around each window, so the
+   batch sizes each concurrency produced are printed beside its throughput;
+4. measures raw onnxruntime again: on a shared machine the two raw figures show the
+   noise. Ratios are to the raw best measured before.
+
+``--protocol v2`` drives the Open Inference Protocol's ModelInfer (a BYTES ``images``
+tensor in ``raw_input_contents``, as tritonclient sends it) instead of Predict, for the
+JPEG inputs; ``--protocol both`` runs the two side by side on one server, alternating
+per row, and prints the v2/v1 ratio of each.
+
+``--server-flag`` passes flags to ``visionrpc serve`` (e.g. ``--server-flag=--intra-op-
+spinning=on``) to compare thread settings in the same way.
 """
 
 from __future__ import annotations
@@ -22,11 +38,14 @@ import asyncio
 import io
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +54,26 @@ import numpy as np
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
-from visionrpc.server.model_config import model_config_from_dict, write_repository_entry
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from visionrpc.server.cpus import usable_cpus
+from visionrpc.server.model_config import (
+    ModelConfig,
+    model_config_from_dict,
+    write_repository_entry,
+)
 
 SIZE = 224
 MODEL = "resnet18"
+INT8_MODEL = "resnet18_int8"
+INPUTS = ("raw 224x224", "JPEG 224x224", "JPEG 500x375", "JPEG 4000x3000")
 
 
-def export_resnet18(repository: Path) -> Path:
+def export_resnet18(repository: Path, name: str = MODEL) -> Path:
     """Write a uint8-NHWC ResNet-18 into ``repository``; returns its model.onnx."""
     import torch
     import torchvision
@@ -66,6 +95,7 @@ def export_resnet18(repository: Path) -> Path:
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         # The TorchScript exporter is deprecated but exports this plain CNN reliably.
         warnings.simplefilter("ignore", DeprecationWarning)
+        torch.manual_seed(0)
         onnx_file = Path(scratch) / "model.onnx"
         torch.onnx.export(
             UInt8Resnet().eval(),
@@ -76,110 +106,256 @@ def export_resnet18(repository: Path) -> Path:
             dynamic_axes={"image": {0: "batch"}, "scores": {0: "batch"}},
             dynamo=False,
         )
-        config = model_config_from_dict(
-            {
-                "name": MODEL,
-                "task": "classification",
-                "labels": [f"class_{i}" for i in range(1000)],
-                "input": {"height": SIZE, "width": SIZE, "resize_method": "crop"},
-            }
-        )
-        return write_repository_entry(repository, config, onnx_file) / "model.onnx"
+        return write_repository_entry(repository, model_config(name), onnx_file) / "model.onnx"
 
 
-def raw_throughput(model_file: Path, batch_sizes: list[int], seconds: float) -> dict[int, float]:
-    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    rates = {}
-    for batch_size in batch_sizes:
-        batch = np.random.default_rng(0).integers(
-            0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8
-        )
-        session.run(None, {"image": batch})
-        images, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            session.run(None, {"image": batch})
-            images += batch_size
-        rates[batch_size] = images / (time.perf_counter() - started)
-    return rates
+def model_config(name: str) -> ModelConfig:
+    return model_config_from_dict(
+        {
+            "name": name,
+            "task": "classification",
+            "labels": [f"class_{i}" for i in range(1000)],
+            "input": {"height": SIZE, "width": SIZE, "resize_method": "crop"},
+        }
+    )
 
 
-def test_image(width: int, height: int) -> bytes:
-    pixels = np.random.default_rng(1).integers(0, 256, (height, width, 3), dtype=np.uint8)
+def export_int8(repository: Path, float_file: Path) -> Path:
+    """The float model, statically quantized as ``visionrpc quantize`` does it."""
+    from visionrpc.server.model_config import InputSpec
+    from visionrpc.server.preprocess import decode_for_model, prepare
+    from visionrpc.training.quantize import quantize_file
+
+    spec = InputSpec(SIZE, SIZE, "crop")
+
+    def calibration() -> Iterator[np.ndarray]:
+        for seed in range(4):
+            photos = [photo_jpeg(500, 375, seed * 8 + i) for i in range(8)]
+            yield np.stack([prepare(decode_for_model(p, spec), spec)[0] for p in photos])
+
+    with tempfile.TemporaryDirectory() as scratch:
+        int8_file = Path(scratch) / "model.onnx"
+        quantize_file(float_file, int8_file, calibration())
+        config = model_config(INT8_MODEL)
+        return write_repository_entry(repository, config, int8_file) / "model.onnx"
+
+
+def photo_jpeg(width: int, height: int, seed: int = 1) -> bytes:
+    """A photo-like JPEG: smooth shapes plus fine grain, so it compresses like a camera's."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), np.int16)
+    grain = rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    pixels = np.clip(smooth + grain, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
 
 
+def request_image(kind: str) -> pb.Image:
+    if kind.startswith("raw"):
+        pixels = np.asarray(Image.open(io.BytesIO(photo_jpeg(SIZE, SIZE))).convert("RGB"))
+        raw = pb.RawImage(pixels=pixels.tobytes(), height=SIZE, width=SIZE, channels=3)
+        return pb.Image(raw=raw)
+    width, height = (int(side) for side in kind.split()[1].split("x"))
+    return pb.Image(encoded=photo_jpeg(width, height))
+
+
+@dataclass(frozen=True)
+class RawResult:
+    # Images/s by (batch size, spinning) and batch-1 median latency by spinning.
+    images_per_second: dict[tuple[int, bool], float]
+    batch1_p50_ms: dict[bool, float]
+
+    @property
+    def best(self) -> tuple[tuple[int, bool], float]:
+        return max(self.images_per_second.items(), key=lambda item: item[1])
+
+    @property
+    def best_batch1_p50_ms(self) -> float:
+        return min(self.batch1_p50_ms.values())
+
+
+def raw_onnxruntime(
+    model_file: Path, batch_sizes: list[int], seconds: float, spinning: tuple[bool, ...]
+) -> RawResult:
+    """onnxruntime alone on random uint8 batches: default threads, spinning on and off."""
+    rates: dict[tuple[int, bool], float] = {}
+    batch1: dict[bool, float] = {}
+    for spin in spinning:
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        session = ort.InferenceSession(
+            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        for batch_size in batch_sizes:
+            batch = np.random.default_rng(0).integers(
+                0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8
+            )
+            session.run(None, {"image": batch})
+            latencies: list[float] = []
+            images, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                sent = time.perf_counter()
+                session.run(None, {"image": batch})
+                latencies.append(time.perf_counter() - sent)
+                images += batch_size
+            rates[(batch_size, spin)] = images / (time.perf_counter() - started)
+            if batch_size == 1:
+                batch1[spin] = 1000 * statistics.median(latencies)
+    return RawResult(rates, batch1)
+
+
 @dataclass(frozen=True)
 class LoadResult:
+    model: str
+    input: str
+    protocol: str
     concurrency: int
     images_per_second: float
     p50_ms: float
     p99_ms: float
     errors: int
+    # Batches run during the window, by histogram bucket ("<=1", "<=2", ...).
+    batch_sizes: dict[str, int]
+    mean_batch: float
 
 
-async def drive(address: str, image: bytes, concurrency: int, seconds: float) -> LoadResult:
-    """C clients, each sending one single-image request after another for ``seconds``."""
+def sender(
+    channel: grpc.aio.Channel, model: str, image: pb.Image, protocol: str
+) -> Callable[[], Awaitable[object]]:
+    """One single-image call of ``protocol`` (v1 Predict or v2 ModelInfer)."""
+    if protocol == "v1":
+        stub = pb_grpc.InferenceServiceStub(channel)
+        request = pb.PredictRequest(model=model, images=[image])
+        return lambda: stub.Predict(request, timeout=60)
+    v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+    infer = v2.ModelInferRequest(model_name=model)
+    infer.inputs.add(name="images", datatype="BYTES", shape=[1])
+    infer.raw_input_contents.append(struct.pack("<I", len(image.encoded)) + image.encoded)
+    return lambda: v2_stub.ModelInfer(infer, timeout=60)
+
+
+async def drive(
+    address: str,
+    model: str,
+    image: pb.Image,
+    protocol: str,
+    concurrency: int,
+    warmup: float,
+    seconds: float,
+) -> tuple[float, list[float], int]:
+    """C clients, each sending one request after another; completions in the window count."""
     latencies: list[float] = []
     errors = 0
-    request = pb.PredictRequest(model=MODEL, images=[pb.Image(encoded=image)])
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
-        await stub.Predict(request)
-        started = time.perf_counter()
-        stop_at = started + seconds
+        send = sender(channel, model, image, protocol)
+        await send()
+        window_start = time.perf_counter() + warmup
+        window_end = window_start + seconds
 
         async def client() -> None:
             nonlocal errors
-            while time.perf_counter() < stop_at:
+            while time.perf_counter() < window_end:
                 sent = time.perf_counter()
                 try:
-                    await stub.Predict(request, timeout=60)
+                    await send()
                 except grpc.aio.AioRpcError:
                     errors += 1
                     continue
-                latencies.append(time.perf_counter() - sent)
+                done = time.perf_counter()
+                if window_start <= done <= window_end:
+                    latencies.append(done - sent)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
+    return len(latencies) / seconds, sorted(latencies), errors
+
+
+def batch_histogram(metrics_port: int, model: str) -> dict[str, float]:
+    """Cumulative ``visionrpc_batch_size`` buckets of ``model``, plus ``sum`` and ``count``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "visionrpc_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name.endswith("_bucket"):
+                found["<=" + sample.labels["le"].removesuffix(".0")] = sample.value
+            elif sample.name.endswith("_sum"):
+                found["sum"] = sample.value
+            elif sample.name.endswith("_count"):
+                found["count"] = sample.value
+    return found
+
+
+def measure(
+    address: str,
+    metrics_port: int,
+    model: str,
+    kind: str,
+    protocol: str,
+    concurrency: int,
+    args: argparse.Namespace,
+) -> LoadResult:
+    before = batch_histogram(metrics_port, model)
+    rate, latencies, errors = asyncio.run(
+        drive(
+            address, model, request_image(kind), protocol, concurrency, args.warmup, args.duration
+        )
+    )
+    after = batch_histogram(metrics_port, model)
+    delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    buckets = [key for key in after if key.startswith("<=")]
+    per_bucket: dict[str, int] = {}
+    below = 0.0
+    for key in buckets:
+        if delta[key] - below > 0:
+            per_bucket[key] = int(delta[key] - below)
+        below = delta[key]
+    count = delta.get("count", 0.0)
     return LoadResult(
+        model=model,
+        input=kind,
+        protocol=protocol,
         concurrency=concurrency,
-        images_per_second=len(latencies) / elapsed,
-        p50_ms=1000 * statistics.median(ordered),
-        p99_ms=1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        images_per_second=rate,
+        p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
+        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        if latencies
+        else float("nan"),
         errors=errors,
+        batch_sizes=per_bucket,
+        mean_batch=delta.get("sum", 0.0) / count if count else 0.0,
     )
 
 
-def start_server(repository: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_server(
+    repository: Path, port: int, metrics_port: int, log: Path, extra: list[str]
+) -> subprocess.Popen[bytes]:
     command = [
         sys.executable, "-m", "visionrpc.cli", "serve", "--repository", str(repository),
-        "--port", str(port), "--metrics-port", "0", "--providers", "CPUExecutionProvider",
-        "--log-level", "WARNING", *extra,
+        "--port", str(port), "--metrics-port", str(metrics_port), *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command)
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}")
+                raise RuntimeError(f"the server exited with {process.returncode}; see {log}")
             try:
-                status = health.Check(health_pb2.HealthCheckRequest(service=MODEL), timeout=1)
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
                 if status.status == health_pb2.HealthCheckResponse.SERVING:
                     return process
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError("the server did not become SERVING in 120 s")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    process.wait(timeout=60)
+    raise RuntimeError("the server did not become SERVING in 180 s")
 
 
 def free_port() -> int:
@@ -190,64 +366,167 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def cpu_name() -> str:
+    """The CPU model and the vector extensions that matter to onnxruntime's kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line),
+        "unknown CPU",
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")),
+        [],
+    )
+    features = [
+        name for name in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if name in flags
+    ]
+    return f"{model} ({', '.join(features) or 'no AVX2'})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per concurrency")
-    parser.add_argument("--raw-duration", type=float, default=5.0, help="seconds per batch size")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds counted per row")
+    parser.add_argument("--warmup", type=float, default=1.5, help="seconds before each window")
+    parser.add_argument("--raw-duration", type=float, default=4.0, help="seconds per batch size")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
-    parser.add_argument("--unbatched-concurrency", type=int, default=32)
-    parser.add_argument("--raw-batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--raw-batch-sizes", type=int, nargs="+", default=[1, 8, 16])
+    parser.add_argument("--inputs", nargs="+", choices=INPUTS, default=list(INPUTS))
+    parser.add_argument("--int8", action="store_true", help="add rows for an int8 ResNet-18")
     parser.add_argument(
-        "--image-size", type=int, nargs=2, default=[SIZE, SIZE], metavar=("W", "H"),
-        help="size of the JPEG the clients send (default: the model's, 224 224)",
-    )  # fmt: skip
+        "--quick", action="store_true", help="a smoke run: 2 s windows, C = 1 and 32"
+    )
     parser.add_argument("--server-flag", action="append", default=[], help="extra serve flag")
+    parser.add_argument(
+        "--protocol", choices=("v1", "v2", "both"), default="v1",
+        help="visionrpc.v1 Predict, Open Inference Protocol ModelInfer (JPEG rows), or both",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.raw_duration = 2.0, 0.5, 1.0
+        args.concurrency, args.raw_batch_sizes = [1, 32], [1, 8]
 
-    print(f"cpus: {os.cpu_count()}, onnxruntime {ort.__version__}")
+    print(f"cpu: {cpu_name()}; {os.cpu_count()} CPUs, {usable_cpus()} usable by this process")
+    print(
+        f"onnxruntime {ort.__version__}; server flags: {' '.join(args.server_flag) or 'defaults'}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         repository = Path(scratch) / "models"
-        model_file = export_resnet18(repository)
-        raw = raw_throughput(model_file, args.raw_batch_sizes, args.raw_duration)
-        for batch_size, rate in raw.items():
-            print(f"raw onnxruntime  batch {batch_size:>3}: {rate:7.1f} images/s")
-        best_batch, best_raw = max(raw.items(), key=lambda item: item[1])
-        print(f"raw best: {best_raw:.1f} images/s at batch {best_batch}")
-
-        image = test_image(*args.image_size)
-        print(f"client image: {args.image_size[0]}x{args.image_size[1]} JPEG, {len(image)} B")
-        runs: list[tuple[str, LoadResult]] = []
-        for label, extra, levels in (
-            ("batched", args.server_flag, args.concurrency),
-            ("max_batch_size=1", [*args.server_flag, "--max-batch-size", "1"],
-             [args.unbatched_concurrency]),
-        ):  # fmt: skip
-            port = free_port()
-            process = start_server(repository, port, extra)
-            try:
-                for concurrency in levels:
-                    result = asyncio.run(
-                        drive(f"127.0.0.1:{port}", image, concurrency, args.duration)
-                    )
-                    runs.append((label, result))
-                    print(format_row(label, result, best_raw), flush=True)
-            finally:
-                stop_server(process)
-        # On a shared machine other load skews everything; a second raw figure shows it.
-        raw_after = raw_throughput(model_file, [best_batch], args.raw_duration)[best_batch]
-    print("\nserver                C   images/s   p50 ms   p99 ms  errors  server/raw")
-    for label, result in runs:
-        print(format_row(label, result, best_raw))
-    print(f"raw at batch {best_batch}: {best_raw:.1f} images/s before, {raw_after:.1f} after")
+        models = {MODEL: export_resnet18(repository)}
+        if args.int8:
+            models[INT8_MODEL] = export_int8(repository, models[MODEL])
+        raw_before = {
+            name: raw_onnxruntime(path, args.raw_batch_sizes, args.raw_duration, (True, False))
+            for name, path in models.items()
+        }
+        for name, raw in raw_before.items():
+            for (batch, spin), rate in raw.images_per_second.items():
+                spinning = "on " if spin else "off"
+                print(f"raw {name} batch {batch:>2}, spinning {spinning}: {rate:6.1f} images/s")
+            print(f"raw {name} batch-1 p50: {raw.best_batch1_p50_ms:.1f} ms")
+        port, metrics_port = free_port(), free_port()
+        log = Path(scratch) / "server.log"
+        process = start_server(repository, port, metrics_port, log, args.server_flag)
+        results: list[LoadResult] = []
+        try:
+            protocols = ["v1", "v2"] if args.protocol == "both" else [args.protocol]
+            rows = [
+                (name, kind, concurrency, protocol)
+                for name in models
+                for kind in args.inputs
+                for concurrency in args.concurrency
+                for protocol in protocols
+                # The v2 rows send encoded files only.
+                if not (protocol == "v2" and kind.startswith("raw"))
+            ]
+            for name, kind, concurrency, protocol in rows:
+                result = measure(
+                    f"127.0.0.1:{port}", metrics_port, name, kind, protocol, concurrency, args
+                )
+                results.append(result)
+                print(format_row(result, raw_before[name].best[1]), flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        startup = [
+            line for line in log.read_text(errors="replace").splitlines() if "usable CPUs" in line
+        ]
+        raw_after = {
+            name: raw_onnxruntime(path, [raw_before[name].best[0][0]], args.raw_duration, (spin,))
+            for name, path in models.items()
+            for spin in [raw_before[name].best[0][1]]
+        }
+    print_summary(results, raw_before, raw_after, args.concurrency, startup)
     return 0
 
 
-def format_row(label: str, result: LoadResult, best_raw: float) -> str:
+def format_row(result: LoadResult, raw_best: float) -> str:
+    sizes = " ".join(f"{key}:{count}" for key, count in result.batch_sizes.items())
     return (
-        f"{label:<18} {result.concurrency:>4} {result.images_per_second:>10.1f} "
-        f"{result.p50_ms:>8.1f} {result.p99_ms:>8.1f} {result.errors:>7} "
-        f"{result.images_per_second / best_raw:>10.2f}"
+        f"{result.model:<14} {result.protocol} {result.input:<15} C={result.concurrency:<3} "
+        f"{result.images_per_second:7.1f} img/s ({result.images_per_second / raw_best:4.2f})  "
+        f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
+        f"mean batch {result.mean_batch:4.1f}  batches {sizes}"
     )
+
+
+def print_summary(
+    results: list[LoadResult],
+    raw_before: dict[str, RawResult],
+    raw_after: dict[str, RawResult],
+    levels: list[int],
+    startup: list[str],
+) -> None:
+    for line in startup:
+        print("server: " + line.split("visionrpc.server.app", 1)[-1].strip(" :-"))
+    for name, raw in raw_before.items():
+        (batch, spin), best = raw.best
+        after = raw_after[name].best[1]
+        print(f"\n{name}: images/s (ratio to raw onnxruntime's best, {best:.1f} images/s)")
+        print(
+            f"raw best at batch {batch}, spinning {'on' if spin else 'off'}: "
+            f"{best:.1f} images/s before, {after:.1f} after"
+        )
+        print("| input | " + " | ".join(f"C={c}" for c in levels) + " |")
+        print("|---|" + "---|" * len(levels))
+        rows: dict[str, dict[int, LoadResult]] = {}
+        for result in results:
+            if result.model == name:
+                label = result.input if result.protocol == "v1" else f"{result.input} (v2)"
+                rows.setdefault(label, {})[result.concurrency] = result
+        for kind, by_level in rows.items():
+            cells = [
+                f"{by_level[c].images_per_second:.1f} ({by_level[c].images_per_second / best:.2f})"
+                for c in levels
+                if c in by_level
+            ]
+            print(f"| {kind} | " + " | ".join(cells) + " |")
+        for kind, by_level in rows.items():
+            if 1 in by_level:
+                p50 = by_level[1].p50_ms
+                print(
+                    f"{kind}: p50 at C=1 {p50:.1f} ms, raw batch-1 p50 "
+                    f"{raw.best_batch1_p50_ms:.1f} ms ({p50 - raw.best_batch1_p50_ms:+.1f} ms)"
+                )
+    v1 = {(r.model, r.input, r.concurrency): r for r in results if r.protocol == "v1"}
+    pairs = [
+        (v1[(r.model, r.input, r.concurrency)], r)
+        for r in results
+        if r.protocol == "v2" and (r.model, r.input, r.concurrency) in v1
+    ]
+    if pairs:
+        print("\nv2/v1 images/s: model, input, C, v1, v2, v2/v1")
+    for first, second in pairs:
+        print(
+            f"{first.model} {first.input} C={first.concurrency}: {first.images_per_second:.1f} "
+            f"{second.images_per_second:.1f} "
+            f"{second.images_per_second / first.images_per_second:.3f}"
+        )
+    if INT8_MODEL in raw_before and MODEL in raw_before:
+        speedup = raw_before[INT8_MODEL].best[1] / raw_before[MODEL].best[1]
+        print(f"\nraw int8 / float throughput: {speedup:.2f}x")
 
 
 if __name__ == "__main__":

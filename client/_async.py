@@ -13,26 +13,28 @@ from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 from ._core import (
-    DEFAULT_ADDRESS,
     DEFAULT_MAX_MESSAGE_BYTES,
     HEALTH_CHECK_METHOD,
     BatchPlan,
     ClientBase,
     Metadata,
+    PredictCall,
     ProgressCallback,
     as_batch,
     check_max_in_flight,
     decode_model_info,
     decode_models,
-    decode_response,
+    give_up,
     health_request_bytes,
     health_status_from_bytes,
-    predict_request,
+    model_version,
+    resume_delays,
+    should_resume,
     stream_timeout,
     translate_health_error,
 )
 from .channel import LoadBalancing, RetryPolicy, TLSConfig
-from .errors import translate_rpc_error
+from .errors import VisionRPCError
 from .inputs import ImageInput
 from .results import HealthStatus, ModelInfo, ModelSummary, Prediction
 
@@ -49,21 +51,14 @@ class AsyncClient(ClientBase):
 
     Every method has the same arguments as ``Client``'s, and is awaited.
 
-    Args:
-        address: ``host:port`` of the server (any gRPC target, e.g. ``dns:///svc:8001``).
-        timeout: default deadline of every call, in seconds.
-        retries: gRPC retry policy for UNAVAILABLE/RESOURCE_EXHAUSTED; None disables retries.
-        tls: TLS settings; None for a plaintext channel.
-        metadata: sent with every call, e.g. ``(("authorization", "Bearer ..."),)``.
-        max_message_bytes: largest request or response accepted.
-        keepalive_seconds: interval of HTTP/2 keepalive pings; None to send none.
-        load_balancing: ``"pick_first"`` or ``"round_robin"`` across resolved addresses.
+    Args: as for ``Client``.
     """
 
     def __init__(
         self,
-        address: str = DEFAULT_ADDRESS,
+        address: str | None = None,
         *,
+        token: str | None = None,
         timeout: float = 30.0,
         retries: RetryPolicy | None = RetryPolicy(),  # noqa: B008 (frozen, so sharing is safe)
         tls: TLSConfig | None = None,
@@ -74,6 +69,7 @@ class AsyncClient(ClientBase):
     ) -> None:
         super().__init__(
             address,
+            token=token,
             timeout=timeout,
             retries=retries,
             tls=tls,
@@ -83,12 +79,12 @@ class AsyncClient(ClientBase):
             load_balancing=load_balancing,
         )
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(address, options=self._channel_options)
+            self._channel = grpc.aio.insecure_channel(self.address, options=self._channel_options)
         else:
             self._channel = grpc.aio.secure_channel(
-                address, tls.credentials(), options=self._channel_options
+                self.address, tls.credentials(), options=self._channel_options
             )
-        self._stub = pb_grpc.InferenceStub(self._channel)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health_check = self._channel.unary_unary(
             HEALTH_CHECK_METHOD,
             request_serializer=None,
@@ -101,7 +97,7 @@ class AsyncClient(ClientBase):
         model: str,
         images: list[Any] | tuple[Any, ...],
         *,
-        version: str | None = None,
+        version: str | int | None = None,
         top_k: int | None = None,
         threshold: float | None = None,
         thresholds: Mapping[str, float] | None = None,
@@ -120,7 +116,7 @@ class AsyncClient(ClientBase):
         model: str,
         images: ImageInput,
         *,
-        version: str | None = None,
+        version: str | int | None = None,
         top_k: int | None = None,
         threshold: float | None = None,
         thresholds: Mapping[str, float] | None = None,
@@ -138,7 +134,7 @@ class AsyncClient(ClientBase):
         model: str,
         images: ImageInput | list[Any] | tuple[Any, ...],
         *,
-        version: str | None = None,
+        version: str | int | None = None,
         top_k: int | None = None,
         threshold: float | None = None,
         thresholds: Mapping[str, float] | None = None,
@@ -157,10 +153,7 @@ class AsyncClient(ClientBase):
         per-label ``thresholds`` (they win over ``threshold``) and ``all_scores`` for
         multi-label; ``tta`` on/off and ``tta_views`` (how many configured views) for all.
 
-        An image the server cannot use comes back as an ``ImageError`` result, or
-        raises its error when ``raise_on_error`` is true. A failure of the whole
-        call (unknown model, bad option, server down) raises a ``VisionRPCError``.
-        For large collections use ``predict_many``.
+        Per-input errors, splitting and failures are as for ``Client.predict``.
         """
         call = self._predict_call(
             model,
@@ -177,14 +170,20 @@ class AsyncClient(ClientBase):
             raise_on_error=raise_on_error,
         )
         batch, many = as_batch(images)
-        request = predict_request(call, batch)
-        try:
-            response = await self._stub.Predict(
-                request, timeout=call.timeout, metadata=call.metadata
-            )
-        except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
-        results = decode_response(response, 0, raise_on_error)
+        if len(batch) > 1:
+            await self._fetch_limit(call)
+        plan = BatchPlan(call, batch, self._batch_size(call, max(1, len(batch))), None)
+        # Reading files and encoding arrays would stall the event loop.
+        requests = await asyncio.to_thread(list, plan.requests())
+        for request in requests:
+            try:
+                response = await self._stub.Predict(
+                    request, timeout=call.timeout, metadata=call.metadata
+                )
+            except grpc.RpcError as error:
+                raise self._translate(error, call.request_id) from None
+            plan.accept(response, request.request_id)
+        results = plan.results()
         return results if many else results[0]
 
     async def predict_many(
@@ -194,7 +193,7 @@ class AsyncClient(ClientBase):
         *,
         batch_size: int = 16,
         max_in_flight: int = 4,
-        version: str | None = None,
+        version: str | int | None = None,
         top_k: int | None = None,
         threshold: float | None = None,
         thresholds: Mapping[str, float] | None = None,
@@ -209,11 +208,7 @@ class AsyncClient(ClientBase):
     ) -> list[Prediction]:
         """Predict a large collection over one ``PredictStream``; results in input order.
 
-        The images are sent as requests of ``batch_size``, at most ``max_in_flight``
-        unanswered at a time, and read (paths) or encoded only when their request
-        is sent. ``timeout`` bounds each request (the stream's deadline is one
-        ``timeout`` per wave of ``max_in_flight`` requests). ``progress(done, total)``
-        is called after every answered request. Options are as for ``predict``.
+        Batching, per-input errors and broken streams are as for ``Client.predict_many``.
         """
         check_max_in_flight(max_in_flight)
         call = self._predict_call(
@@ -230,9 +225,23 @@ class AsyncClient(ClientBase):
             metadata=metadata,
             raise_on_error=raise_on_error,
         )
-        plan = BatchPlan(call, images, batch_size, progress)
-        if plan.finished:
-            return []
+        if len(images) > 1:
+            await self._fetch_limit(call)
+        plan = BatchPlan(call, images, self._batch_size(call, batch_size), progress)
+        delays = resume_delays(self.retries)
+        while not plan.finished:
+            failure = await self._stream(plan, max_in_flight)
+            if failure is None:
+                break
+            if should_resume(failure, plan, delays):
+                await asyncio.sleep(delays.pop(0))
+                continue
+            give_up(failure, plan)
+        return plan.results()
+
+    async def _stream(self, plan: BatchPlan, max_in_flight: int) -> VisionRPCError | None:
+        """One PredictStream over the plan's unanswered inputs; its failure, if it broke."""
+        call = plan.call
         window = asyncio.Semaphore(max_in_flight)
         stream = self._stub.PredictStream(
             None,
@@ -262,47 +271,64 @@ class AsyncClient(ClientBase):
         sender = asyncio.ensure_future(send())
         receiver = asyncio.ensure_future(receive())
         try:
-            # The sender can fail (an unreadable file) while the receiver waits for
-            # answers that will never come, so whichever fails first ends both.
+            # Whichever fails first (a request-level error, a broken stream) ends both.
             done, _ = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_EXCEPTION)
             for task in (sender, receiver):
                 if task in done:
                     task.result()
         except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
+            return self._translate(error, call.request_id)
         finally:
             for task in (sender, receiver):
                 task.cancel()
             stream.cancel()
             # Collects the loser's outcome too, so no exception is left unretrieved.
             await asyncio.gather(sender, receiver, return_exceptions=True)
-        return plan.results()
+        return None
+
+    async def _fetch_limit(self, call: PredictCall) -> None:
+        """Learn the model's most images per request, once per model and version."""
+        if self._knows_limit(call):
+            return
+        request = pb.GetModelInfoRequest(model=call.model, version=call.version)
+        try:
+            info = await self._stub.GetModelInfo(
+                request, timeout=call.timeout, metadata=call.metadata
+            )
+        except grpc.RpcError as error:
+            failure = self._translate(error, call.request_id)
+            if failure.code != grpc.StatusCode.UNIMPLEMENTED:
+                raise failure from None
+            info = None  # a server without GetModelInfo states no limit
+        self._learn_limit(call, info)
 
     async def models(self, *, timeout: float | None = None) -> list[ModelSummary]:
         """The models the server has loaded, sorted by name."""
+        metadata, request_id = self._call_metadata(None)
         try:
             response = await self._stub.ListModels(
-                pb.ListModelsRequest(), timeout=self._timeout(timeout), metadata=self.metadata
+                pb.ListModelsRequest(), timeout=self._timeout(timeout), metadata=metadata
             )
         except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
+            raise self._translate(error, request_id) from None
         return decode_models(response)
 
     async def model_info(
-        self, name: str, version: str | None = None, *, timeout: float | None = None
+        self, name: str, version: str | int | None = None, *, timeout: float | None = None
     ) -> ModelInfo:
         """Task, labels, input geometry, default thresholds, TTA, provider and metrics of a model.
 
         Raises:
             ModelNotFoundError: no such model or version.
         """
-        request = pb.GetModelInfoRequest(model=name, version=version or "")
+        request = pb.GetModelInfoRequest(model=name, version=model_version(version))
+        metadata, request_id = self._call_metadata(None)
         try:
             info = await self._stub.GetModelInfo(
-                request, timeout=self._timeout(timeout), metadata=self.metadata
+                request, timeout=self._timeout(timeout), metadata=metadata
             )
         except grpc.RpcError as error:
-            raise translate_rpc_error(error) from None
+            raise self._translate(error, request_id) from None
         return decode_model_info(info)
 
     async def health(
@@ -314,14 +340,15 @@ class AsyncClient(ClientBase):
             ModelNotFoundError: the server does not know the model.
             UnavailableError: no server answered.
         """
+        metadata, request_id = self._call_metadata(None)
         try:
             answer = await self._health_check(
                 health_request_bytes(model or ""),
                 timeout=self._timeout(timeout),
-                metadata=self.metadata,
+                metadata=metadata,
             )
         except grpc.RpcError as error:
-            raise translate_health_error(error, model) from None
+            raise translate_health_error(self._translate(error, request_id), model) from None
         return health_status_from_bytes(answer)
 
     async def aclose(self) -> None:

@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 import grpc
 
-SERVICE_NAME = "visionrpc.v1.Inference"
+from .errors import invalid_input
+
+SERVICE_NAME = "visionrpc.v1.InferenceService"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 
 LoadBalancing = Literal["pick_first", "round_robin"]
@@ -100,7 +102,12 @@ class TLSConfig:
 
     def __post_init__(self) -> None:
         if (self.certificate_chain is None) != (self.private_key is None):
-            raise ValueError("certificate_chain and private_key go together (mutual TLS)")
+            raise invalid_input("TLS: certificate_chain and private_key go together (mutual TLS)")
+        # gRPC only fails at connection time, as "unavailable"; a wrong file is the
+        # caller's mistake and can be named now.
+        _check_pem("root_certificates", self.root_certificates, b"CERTIFICATE-----")
+        _check_pem("certificate_chain", self.certificate_chain, b"CERTIFICATE-----")
+        _check_pem("private_key", self.private_key, b"PRIVATE KEY-----")
 
     def credentials(self) -> grpc.ChannelCredentials:
         """The gRPC channel credentials for these settings."""
@@ -108,6 +115,19 @@ class TLSConfig:
             root_certificates=self.root_certificates,
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
+        )
+
+
+def _check_pem(name: str, data: bytes | None, label_end: bytes) -> None:
+    if data is None:
+        return
+    if not isinstance(data, bytes):
+        raise invalid_input(f"TLS: {name} must be PEM bytes, got {type(data).__name__}")
+    if b"-----BEGIN " not in data or label_end not in data:
+        kind = "private key" if label_end.startswith(b"PRIVATE") else "certificate"
+        raise invalid_input(
+            f"TLS: {name} is not a PEM {kind} (no '-----BEGIN ...{label_end.decode()}' line); "
+            "convert DER files with openssl"
         )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_SERVER = "127.0.0.1:8001"
@@ -31,9 +32,12 @@ def _class_threshold(text: str) -> tuple[str, float]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return value
 
 
@@ -111,13 +115,46 @@ def _run(command: str) -> Any:
     return handler
 
 
+COMMANDS = ("predict", "models", "info", "health")
+
+
+def quiet_transport_logs(argv: Sequence[str]) -> None:
+    """Keep gRPC's own log lines off a client command's stderr.
+
+    gRPC's core logs each failed TLS handshake (and other transport trouble) to
+    stderr before the call fails; the command already prints one line saying why.
+    An explicit ``GRPC_VERBOSITY`` wins, for debugging.
+    """
+    if argv and argv[0] in COMMANDS:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     """Add ``predict``, ``models``, ``info`` and ``health`` to the ``visionrpc`` parser."""
     connection = _connection_flags()
     _add_predict(subcommands, connection)
 
     models = subcommands.add_parser(
-        "models", parents=[connection], help="list the models a server has loaded"
+        "models",
+        parents=[connection],
+        help="list the served models; load, unload or reload one (model control)",
+        description="Without arguments: the models the server serves. With --all, or with "
+        "load|unload|reload NAME: the server's model-control API (serve --model-control-api "
+        "true; load, unload and reload also need --model-control explicit).",
+    )
+    models.add_argument(
+        "action", nargs="?", choices=("load", "unload", "reload"), help="model-control action"
+    )
+    models.add_argument("name", nargs="?", help="the model to load, unload or reload")
+    models.add_argument(
+        "--all",
+        action="store_true",
+        help="every model in the repository, loaded or not, with each version's state",
+    )
+    models.add_argument(
+        "--control-token",
+        default=os.environ.get("VISIONRPC_MODEL_CONTROL_TOKEN"),
+        help="bearer token of the model-control API (default: $VISIONRPC_MODEL_CONTROL_TOKEN)",
     )
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(handler=_run("models"))

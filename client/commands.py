@@ -28,8 +28,11 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNAVAILABLE = 4
 
-# What the server decodes (see the proto's Image.encoded); folders are searched for these.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+# Folders are searched for the suffixes the server reports (ModelInfo.accepted_extensions);
+# these stand in for a server too old to report them.
+FALLBACK_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+# How many skipped files are named before "and N more".
+_SKIPPED_SHOWN = 5
 
 _EXIT_BY_ERROR: tuple[tuple[type[VisionRPCError], int], ...] = (
     (InvalidInputError, EXIT_USAGE),
@@ -44,21 +47,45 @@ class UsageError(Exception):
     """A problem with the command line itself (exit code 2)."""
 
 
-def image_files(paths: list[str]) -> list[Path]:
-    """The given files, plus image files found under the given folders, recursively, sorted."""
+def image_files(paths: list[str], suffixes: frozenset[str]) -> tuple[list[Path], list[Path]]:
+    """The given files, plus files with ``suffixes`` under the given folders, sorted.
+
+    Files named on the command line are kept whatever their suffix (the server says
+    what is wrong with them); files found in folders with other suffixes are returned
+    second, as skipped.
+    """
     files: list[Path] = []
+    skipped: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            files.extend(p for p in found if p.is_file())
+            for found in sorted(p for p in path.rglob("*") if p.is_file()):
+                (files if found.suffix.lower() in suffixes else skipped).append(found)
         elif path.is_file():
             files.append(path)
         else:
             raise UsageError(f"no such file or folder: {name}")
-    if not files:
-        raise UsageError("no image files found")
-    return files
+    return files, skipped
+
+
+def _searched_suffixes(client: Client, args: argparse.Namespace) -> frozenset[str]:
+    """The suffixes of the formats the server accepts; asked only when a folder is given."""
+    if not any(Path(name).is_dir() for name in args.paths):
+        return FALLBACK_SUFFIXES
+    info = client.model_info(args.model, args.model_version)
+    return frozenset(info.accepted_extensions) or FALLBACK_SUFFIXES
+
+
+def _report_skipped(skipped: list[Path]) -> None:
+    if not skipped:
+        return
+    shown = ", ".join(str(path) for path in skipped[:_SKIPPED_SHOWN])
+    more = f" and {len(skipped) - _SKIPPED_SHOWN} more" if len(skipped) > _SKIPPED_SHOWN else ""
+    print(
+        f"visionrpc predict: skipped {len(skipped)} files not in a format the server accepts: "
+        f"{shown}{more}",
+        file=sys.stderr,
+    )
 
 
 def _read_pem(path: str | None) -> bytes | None:
@@ -70,27 +97,34 @@ def _read_pem(path: str | None) -> bytes | None:
         raise UsageError(f"cannot read {path}: {error.strerror}") from None
 
 
+def _tls(args: argparse.Namespace) -> TLSConfig | None:
+    """The TLS settings of the connection flags; None for plaintext."""
+    if not (args.ca or args.cert or args.key or args.tls):
+        return None
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key go together")
+    return TLSConfig(
+        root_certificates=_read_pem(args.ca),
+        certificate_chain=_read_pem(args.cert),
+        private_key=_read_pem(args.key),
+    )
+
+
 def connect(args: argparse.Namespace) -> Client:
     """A client for the connection flags of any command."""
-    tls = None
-    if args.ca or args.cert or args.key or args.tls:
-        if (args.cert is None) != (args.key is None):
-            raise UsageError("--cert and --key go together")
-        tls = TLSConfig(
-            root_certificates=_read_pem(args.ca),
-            certificate_chain=_read_pem(args.cert),
-            private_key=_read_pem(args.key),
-        )
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    tls = _tls(args)
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")
-    return Client(args.server, timeout=args.timeout, tls=tls, metadata=metadata)
+    return Client(args.server, token=args.token, timeout=args.timeout, tls=tls)
 
 
 def _predict(args: argparse.Namespace) -> int:
-    files = image_files(args.paths)
-    report = progress_reporter(len(files), enabled=len(files) > args.batch_size)
     with connect(args) as client:
+        files, skipped = image_files(args.paths, _searched_suffixes(client, args))
+        _report_skipped(skipped)
+        if not files:
+            raise UsageError("no image files found")
+        report = progress_reporter(len(files), enabled=len(files) > args.batch_size)
         try:
             results = client.predict_many(
                 args.model,
@@ -110,9 +144,12 @@ def _predict(args: argparse.Namespace) -> int:
         finally:
             report.close()
     _print_predictions(files, results, as_json=args.json)
-    failed = sum(isinstance(result, ImageError) for result in results)
+    failed = [result for result in results if isinstance(result, ImageError)]
+    for failure in failed:
+        # The message names the file: "image 3 (cats/x.jpg): ...".
+        print(f"visionrpc predict: {failure.code}: {_one_line(failure.message)}", file=sys.stderr)
     if failed:
-        print(f"visionrpc predict: {failed} of {len(files)} images failed", file=sys.stderr)
+        print(f"visionrpc predict: {len(failed)} of {len(files)} images failed", file=sys.stderr)
         return EXIT_IMAGES_FAILED
     return EXIT_OK
 
@@ -127,6 +164,8 @@ def _print_predictions(files: list[Path], results: list[Prediction], *, as_json:
 
 
 def _models(args: argparse.Namespace) -> int:
+    if args.action is not None or args.all:
+        return _model_control(args)
     with connect(args) as client:
         models = client.models()
     if args.json:
@@ -136,6 +175,33 @@ def _models(args: argparse.Namespace) -> int:
             (model.name, model.task, ", ".join(model.versions), model.provider) for model in models
         ]
         print(format_table(("MODEL", "TASK", "VERSIONS", "PROVIDER"), rows))
+    return EXIT_OK
+
+
+def _model_control(args: argparse.Namespace) -> int:
+    """``models --all`` and ``models load|unload|reload NAME``, through ModelControlService."""
+    from .model_control import ModelControlClient
+
+    wanted = args.action is None and args.name is None if args.all else args.action and args.name
+    if not wanted:
+        raise UsageError("use load|unload|reload NAME, or --all")
+    if args.timeout <= 0:
+        raise UsageError("--timeout must be positive")
+    with ModelControlClient(
+        args.server, timeout=args.timeout, tls=_tls(args), token=args.control_token
+    ) as control:
+        if args.action is None:
+            models = control.index()
+        else:
+            models = [getattr(control, args.action)(args.name)]
+    if args.json:
+        print(json.dumps([model.to_dict() for model in models], indent=2))
+        return EXIT_OK
+    rows = []
+    for model in models:
+        rows.append((model.name, "", model.state, model.reason))
+        rows.extend(("", v.version, v.state, v.reason) for v in model.versions)
+    print(format_table(("MODEL", "VERSION", "STATE", "REASON"), rows))
     return EXIT_OK
 
 
@@ -181,6 +247,9 @@ def run(command: str, args: argparse.Namespace) -> int:
         return exit_code_for(error)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _say(command: str, error: Exception) -> None:
-    reason = " ".join(str(error).split())
-    print(f"visionrpc {command}: {reason}", file=sys.stderr)
+    print(f"visionrpc {command}: {_one_line(str(error))}", file=sys.stderr)

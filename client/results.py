@@ -63,7 +63,8 @@ class _ImageResult:
 
     def _provenance(self) -> str:
         tta = f", tta x{self.tta_views}" if self.tta_applied else ""
-        return f"{self.model} v{self.version}, {self.original_width}x{self.original_height}{tta}"
+        size = f"{self.original_height}x{self.original_width} (HxW)"
+        return f"{self.model} v{self.version}, {size}{tta}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,15 +132,21 @@ class Points(_ImageResult):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageError(_ImageResult):
-    """One image could not be predicted; the other images of its request were.
+    """One input could not be predicted; the other inputs were.
 
     ``code`` is the gRPC status name (e.g. ``"INVALID_ARGUMENT"``), ``index`` the
-    image's position in the input. The size and TTA fields are 0/False.
+    input's position in the caller's list, and ``message`` starts with
+    ``image <index>`` (and the file name, when the input had one). The failure may
+    be the server's (an undecodable file) or the client's, found before sending (a
+    missing file, empty bytes, a wrong array), or a connection lost before the
+    input was answered (``UNAVAILABLE``). ``request_id`` is the call's
+    ``x-request-id``. The size and TTA fields are 0/False.
     """
 
     code: str
     message: str
     index: int
+    request_id: str = ""
 
     def __str__(self) -> str:
         return f"error {self.code}: {self.message}"
@@ -167,10 +174,14 @@ class ModelSummary:
 class ModelInfo:
     """Everything the server knows about one model version (``model_info()``).
 
-    ``threshold``/``class_thresholds`` are the multi-label defaults,
-    ``min_confidence`` the classification default (0 = off). ``metrics`` are the
-    validation metrics recorded at training time; ``config`` is the whole model
-    configuration as a dict.
+    ``top_k`` and ``min_confidence`` (0 = off) are the classification defaults,
+    ``threshold``/``class_thresholds`` the multi-label ones. ``accepted_formats`` are
+    the encoded formats the server decodes and ``accepted_extensions`` their file
+    name suffixes (what ``visionrpc predict`` searches folders for).
+    ``max_images_per_request`` is the most images one request may carry (0: no
+    limit); the clients split longer lists. ``metrics`` are the validation metrics
+    recorded at training time; ``config`` is the whole model configuration as a dict.
+    Sizes read height x width, as ``visionrpc train --size`` takes them.
     """
 
     name: str
@@ -181,13 +192,18 @@ class ModelInfo:
     input_height: int
     input_width: int
     resize_method: str
+    top_k: int
     threshold: float
     class_thresholds: dict[str, float]
     min_confidence: float
     tta_enabled: bool
     tta_views: tuple[str, ...]
     tta_beta: float
+    tta_zoom: float
     provider: str
+    accepted_formats: tuple[str, ...]
+    accepted_extensions: tuple[str, ...]
+    max_images_per_request: int
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
@@ -202,15 +218,19 @@ class ModelInfo:
         return _plain(self)
 
     def __str__(self) -> str:
+        per_request = self.max_images_per_request or "no limit"
         lines = [
             f"{self.name} v{self.version} ({self.task}), versions: {', '.join(self.versions)}",
-            f"  input: {self.input_width}x{self.input_height} {self.resize_method}",
+            f"  input: {self.input_height}x{self.input_width} (HxW), {self.resize_method}",
             f"  labels ({len(self.labels)}): {', '.join(self.labels)}",
             f"  provider: {self.provider}",
             f"  tta: {'on' if self.tta_enabled else 'off'}"
-            f" ({', '.join(self.tta_views) or 'no views'}; beta {self.tta_beta:g})",
+            f" ({', '.join(self.tta_views) or 'no views'}; beta {self.tta_beta:g};"
+            f" zoom {self.tta_zoom:g})",
             f"  batching: max {self.max_batch_size}, delay {self.max_queue_delay_ms:g} ms,"
             f" queue {self.max_queue_size}, instances {self.instances}",
+            f"  max images per request: {per_request}",
+            f"  accepted formats: {', '.join(self.accepted_formats) or 'not reported'}",
         ]
         if self.task == "multilabel":
             lines.append(f"  threshold: {self.threshold:g}")
@@ -218,6 +238,7 @@ class ModelInfo:
                 f"    {label}: {value:g}" for label, value in sorted(self.class_thresholds.items())
             )
         if self.task == "classification":
+            lines.append(f"  top_k: {self.top_k}")
             lines.append(f"  min_confidence: {self.min_confidence:g}")
         if self.dataset or self.trained_at:
             lines.append(f"  trained on {self.dataset or '?'} at {self.trained_at or '?'}")

@@ -4,15 +4,19 @@
 
 Points come back in pixels of the original image (after EXIF orientation), whatever
 resizing the model needed, so they can be drawn straight onto the photo. ``--draw``
-writes a copy of each photo with a cross on each point (needs Pillow).
+writes a copy of each photo with a cross on each point (needs Pillow). Sizes print
+as height x width. A photo that cannot be used is reported on stderr and the script
+exits 1; a failed call (server down) prints one line and exits 2 for a mistake in the
+arguments, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from visionrpc.client import Client, ImageError, Points
+from visionrpc.client import Client, ImageError, InvalidInputError, Points, VisionRPCError
 
 
 def draw_points(source: Path, result: Points, folder: Path) -> Path:
@@ -31,28 +35,35 @@ def draw_points(source: Path, result: Points, folder: Path) -> Path:
     return target
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path, help="image files")
-    parser.add_argument("--server", default="127.0.0.1:8001")
+    parser.add_argument("--server", help="host:port (default: $VISIONRPC_SERVER or 127.0.0.1:8001)")
     parser.add_argument("--model", default="biwi")
     parser.add_argument("--tta", action="store_true", help="blend flipped views too")
     parser.add_argument("--draw", type=Path, metavar="FOLDER", help="save marked copies here")
     args = parser.parse_args()
 
-    with Client(args.server) as client:
-        results = client.predict(args.model, list(args.images), tta=args.tta)
+    try:
+        with Client(args.server) as client:
+            results = client.predict(args.model, list(args.images), tta=args.tta)
+    except VisionRPCError as error:
+        print(f"head_points_biwi: {error}", file=sys.stderr)
+        return 2 if isinstance(error, InvalidInputError) else 1
+    failed = 0
     for path, result in zip(args.images, results, strict=True):
         if isinstance(result, ImageError):
-            print(f"{path}: {result.code}: {result.message}")
+            failed += 1
+            print(f"{path}: {result.code}: {result.message}", file=sys.stderr)
             continue
         assert isinstance(result, Points)
         where = ", ".join(f"{p.name} at ({p.x:.1f}, {p.y:.1f})" for p in result.points)
-        size = f"{result.original_width}x{result.original_height}"
+        size = f"{result.original_height}x{result.original_width}"
         print(f"{path} ({size}): {where}")
         if args.draw is not None:
             print(f"    drawn: {draw_points(path, result, args.draw)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

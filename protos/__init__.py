@@ -1,5 +1,46 @@
-"""Generated protobuf and gRPC code for the visionrpc API (``visionrpc.v1``)."""
+"""Generated protobuf and gRPC code: visionrpc's API (``visionrpc.v1``) and, in
+``visionrpc.protos.inference``, the Open Inference Protocol (proto package ``inference``).
 
-from .visionrpc.v1 import inference_pb2, inference_pb2_grpc
+Besides the generated modules, the two functions that turn the task names used
+everywhere else ("classification", "multilabel", "points") into visionrpc.v1's
+``ModelTask`` enum and back, so no caller spells the enum prefix itself.
+"""
 
-__all__ = ["inference_pb2", "inference_pb2_grpc"]
+from .visionrpc.v1 import (
+    inference_pb2,
+    inference_pb2_grpc,
+    model_control_pb2,
+    model_control_pb2_grpc,
+)
+
+__all__ = [
+    "inference_pb2",
+    "inference_pb2_grpc",
+    "model_control_pb2",
+    "model_control_pb2_grpc",
+    "task_from_proto",
+    "task_to_proto",
+]
+
+_PREFIX = "MODEL_TASK_"
+
+
+def task_to_proto(task: str) -> inference_pb2.ModelTask.ValueType:
+    """The ``ModelTask`` value of a task name; ValueError for a name the API does not know."""
+    try:
+        return inference_pb2.ModelTask.Value(_PREFIX + task.upper())
+    except ValueError:
+        raise ValueError(f"no ModelTask for task {task!r}") from None
+
+
+def task_from_proto(value: int) -> str:
+    """The task name of a ``ModelTask`` value.
+
+    proto3 enums are open: a newer server may send a value this code does not
+    know yet, which reads as "unknown" rather than failing the whole answer.
+    """
+    try:
+        name = inference_pb2.ModelTask.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return "unknown"
+    return name.removeprefix(_PREFIX).lower()

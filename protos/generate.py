@@ -1,4 +1,4 @@
-"""Regenerate the Python code for the visionrpc protos.
+"""Regenerate the Python code for the protos: visionrpc.v1 and the Open Inference Protocol.
 
     python -m visionrpc.protos.generate            # rewrite the committed files
     python -m visionrpc.protos.generate --out DIR  # write elsewhere (the test compares bytes)
@@ -18,7 +18,17 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
-PROTO_FILES = ("visionrpc/v1/inference.proto",)
+PROTO_FILES = (
+    "visionrpc/v1/inference.proto",
+    "visionrpc/v1/model_control.proto",
+    "inference/grpc_predict_v2.proto",
+)
+# Files whose descriptors live in a pool of their own instead of protobuf's default one:
+# tritonclient (and other Open Inference Protocol clients) register the same symbols
+# (inference.ModelInferRequest, ...) from their own file, and the default pool refuses a
+# second definition, so with the default pool our server and their client could not be
+# imported into one process.
+PRIVATE_POOL_FILES = ("inference/grpc_predict_v2.proto",)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 
@@ -50,6 +60,8 @@ def generate(out_dir: Path) -> list[Path]:
                 target = out_dir / f"{stem}{suffix}"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 text = _relative_imports(source.read_text())
+                if name in PRIVATE_POOL_FILES and suffix == "_pb2.py":
+                    text = _private_pool(text)
                 target.write_text(text)
                 written.append(target)
     return written
@@ -66,10 +78,23 @@ def _plugin(name: str) -> str:
 
 def _relative_imports(text: str) -> str:
     # protoc writes absolute imports ("from visionrpc.v1 import inference_pb2") that
-    # would resolve against our own top-level package; siblings import relatively.
-    return re.sub(
-        r"^from visionrpc\.v1 import (\w+)", r"from . import \1", text, flags=re.MULTILINE
-    ).replace("import visionrpc.v1.inference_pb2", "from . import inference_pb2")
+    # would resolve against our own top-level package, or against a top-level
+    # "inference" package that is not ours; siblings import relatively.
+    text = re.sub(
+        r"^from (?:visionrpc\.v1|inference) import (\w+)",
+        r"from . import \1",
+        text,
+        flags=re.MULTILINE,
+    )
+    text = text.replace("import visionrpc.v1.inference_pb2", "from . import inference_pb2")
+    return text.replace("import inference.grpc_predict_v2_pb2", "from . import grpc_predict_v2_pb2")
+
+
+def _private_pool(text: str) -> str:
+    default = "_descriptor_pool.Default().AddSerializedFile("
+    if text.count(default) != 1:
+        raise RuntimeError("unexpected generated code: cannot give it a private descriptor pool")
+    return text.replace(default, "_descriptor_pool.DescriptorPool().AddSerializedFile(")
 
 
 def main() -> None:

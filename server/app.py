@@ -1,7 +1,9 @@
 """Wires the server together, in order, and runs it until SIGTERM or SIGINT.
 
-Order: the metrics, the servicer over a repository that is still loading,
-``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.Inference``, and one service per
+Order: the metrics, the servicers (visionrpc.v1 and the Open Inference Protocol's
+``inference.GRPCInferenceService``, one pipeline under both) over a repository that is
+still loading,
+``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
 Prometheus endpoint; then load the models (sessions and warm-up) and turn health
@@ -21,31 +23,41 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .metrics import ServerMetrics
+from .model_control import ModelControlServicer
+from .model_manager import ControlMode, ModelManager
+from .oip import CONTROL_METHODS as OIP_CONTROL_METHODS
+from .oip import INFERENCE_METHODS as OIP_INFERENCE_METHODS
+from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
+from .oip import OpenInferenceServicer, reflection_pool
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
-from .repository import ModelRepository, load_repository
+from .repository import ModelRepository, model_folders
 from .runtime import RuntimeOptions
 from .service import InferenceServicer
 from .settings import ServerSettings, TLSFiles
 
 logger = logging.getLogger(__name__)
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
+    "ModelControlService"
+].full_name
 # The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
 PREDICT_METHODS = ("Predict", "PredictStream")
 
@@ -57,6 +69,7 @@ class RunningApp:
     port: int
     metrics_port: int
     repository: ModelRepository
+    models: ModelManager
     health: HealthServicer
     metrics: ServerMetrics
     drain: Drain
@@ -71,6 +84,7 @@ class RunningApp:
         """
         deadline = time.monotonic() + grace_seconds
         self.drain.begin()
+        await self.models.close()
         await self.health.enter_graceful_shutdown()
         if not await self.drain.wait_idle(grace_seconds):
             logger.warning(
@@ -90,8 +104,9 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     # Read before the slow model loading, so a wrong path fails at once.
     tls = settings.read_tls_files()
     auth_token = settings.read_auth_token()
+    control_token = settings.read_model_control_token()
     metrics = ServerMetrics()
-    repository = ModelRepository({}, [], loading=True)
+    repository = ModelRepository(loading=True)
     threads = plan_threads(
         usable_cpus(),
         intra_op_threads=settings.intra_op_threads,
@@ -121,9 +136,27 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
         DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,))
     ]
+    # One interceptor per protected service: both APIs need the token, health does not.
     if auth_token is not None:
+        interceptors += [
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
+            BearerTokenInterceptor(
+                auth_token,
+                OPEN_INFERENCE_SERVICE,
+                metrics,
+                ("ModelInfer", "ModelStreamInfer"),
+                methods=OIP_INFERENCE_METHODS,
+            ),
+        ]
+    if settings.model_control_api == "on" and control_token is not None:
+        # Its own token: a client trusted to predict is not thereby trusted to unload.
         interceptors.append(
-            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS)
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
+        )
+        interceptors.append(
+            BearerTokenInterceptor(
+                control_token, OPEN_INFERENCE_SERVICE, metrics, (), methods=OIP_CONTROL_METHODS
+            )
         )
     server = grpc.aio.server(
         interceptors=interceptors,
@@ -132,13 +165,60 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ["", INFERENCE_SERVICE, *_model_folders(settings.repository)]:
+    for name in ["", INFERENCE_SERVICE, *(p.name for p in model_folders(settings.repository))]:
         await health_servicer.set(name, NOT_SERVING)
+    runtime_options = RuntimeOptions(
+        providers=settings.providers,
+        intra_op_threads=threads.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        allow_spinning=settings.intra_op_spinning == "on",
+    )
+
+    async def serving_changed(model: str, serving: bool) -> None:
+        """Health follows the repository: per model, and the server while any model serves."""
+        await health_servicer.set(model, SERVING if serving else NOT_SERVING)
+        overall = SERVING if repository.names() else NOT_SERVING
+        for name in ("", INFERENCE_SERVICE):
+            await health_servicer.set(name, overall)
+
+    manager = ModelManager(
+        repository,
+        settings.repository,
+        runtime_options,
+        settings.default_batching,
+        mode=ControlMode(settings.model_control),
+        metrics=metrics,
+        on_serving_changed=serving_changed,
+    )
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        OpenInferenceServicer(
+            pipeline,
+            repository,
+            health_servicer,
+            metrics,
+            manager,
+            model_control=settings.model_control_api == "on",
+            stream_max_in_flight=settings.stream_max_in_flight,
+        ),
+        server,
+    )
+    services = [
+        INFERENCE_SERVICE,
+        OPEN_INFERENCE_SERVICE,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    ]
+    if settings.model_control_api == "on":
+        model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
+            ModelControlServicer(manager), server
+        )
+        services.append(MODEL_CONTROL_SERVICE)
+    served_files = [pb.DESCRIPTOR, model_control_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        services, server, pool=reflection_pool([*served_files, reflection_pb2.DESCRIPTOR])
     )
     address = f"{settings.host}:{settings.port}"
     try:
@@ -155,6 +235,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         port=port,
         metrics_port=metrics_port,
         repository=repository,
+        models=manager,
         health=health_servicer,
         metrics=metrics,
         drain=drain,
@@ -169,54 +250,32 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         settings.intra_op_spinning,
         threads.preprocess_workers,
     )
-    runtime_options = RuntimeOptions(
-        providers=settings.providers,
-        intra_op_threads=threads.intra_op_threads,
-        inter_op_threads=settings.inter_op_threads,
-        allow_spinning=settings.intra_op_spinning == "on",
-    )
     try:
-        loaded = await asyncio.to_thread(
-            load_repository,
-            settings.repository,
-            runtime_options,
-            settings.default_batching,
-            metrics,
-        )
+        await manager.start(settings.load_model)
     except BaseException:
         await app.stop(0)
         raise
-    repository.finish_loading(loaded)
-    await _announce_models(health_servicer, repository)
+    if manager.mode is ControlMode.POLL:
+        manager.start_polling(settings.poll_interval_seconds)
     _log_startup(repository, address, port, metrics_port)
+    logger.info(
+        "model control %s%s, model-control API %s",
+        settings.model_control,
+        f" (every {settings.poll_interval_seconds:g} s)"
+        if manager.mode is ControlMode.POLL
+        else "",
+        "off"
+        if settings.model_control_api == "off"
+        else "on, bearer token required"
+        if control_token is not None
+        else "on, no token",
+    )
     logger.info(
         "%s, %s",
         "plaintext" if tls is None else "mutual TLS" if tls.client_ca else "TLS",
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
-
-
-def _model_folders(root: Path) -> list[str]:
-    """The models the repository holds, by folder name, known before any of them loads."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-async def _announce_models(health_servicer: HealthServicer, repository: ModelRepository) -> None:
-    """Loaded models turn SERVING, and the server as a whole when at least one loaded.
-
-    A model that failed to load answers NOT_SERVING rather than "unknown service".
-    """
-    failed_only = {f.model for f in repository.failures} - set(repository.names())
-    for name in sorted(failed_only):
-        await health_servicer.set(name, NOT_SERVING)
-    for name in repository.names():
-        await health_servicer.set(name, SERVING)
-    if repository.names():
-        for name in ("", INFERENCE_SERVICE):
-            await health_servicer.set(name, SERVING)
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

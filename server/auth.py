@@ -43,12 +43,19 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         service: str,
         metrics: ServerMetrics,
         recorded_methods: Iterable[str],
+        methods: Iterable[str] | None = None,
     ) -> None:
-        """``recorded_methods``: names of ``service``'s methods whose refusals are recorded."""
+        """``recorded_methods``: names of ``service``'s methods whose refusals are recorded.
+
+        ``methods``: the names of the methods this token guards; None guards them all.
+        """
         self._expected = f"Bearer {token}".encode()
         self._method_prefix = f"/{service}/"
         self._metrics = metrics
         self._recorded = frozenset(self._method_prefix + name for name in recorded_methods)
+        self._guarded = (
+            None if methods is None else frozenset(self._method_prefix + name for name in methods)
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -57,6 +64,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         handler = await continuation(handler_call_details)
         # None is an unknown method, which grpc answers UNIMPLEMENTED.
         if handler is None or not handler_call_details.method.startswith(self._method_prefix):
+            return handler
+        if self._guarded is not None and handler_call_details.method not in self._guarded:
             return handler
         metadata = handler_call_details.invocation_metadata or ()
         if self._authorized(metadata):

@@ -46,9 +46,22 @@ _SETTING_HELP = {
     "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
     "shutdown_grace_seconds": "time in-flight calls get to finish after SIGTERM (default 10)",
+    "model_control": "none (read the repository once), poll (rescan it) or explicit "
+    "(load what the admin API asks for); default none",
+    "poll_interval_seconds": "poll: seconds between repository rescans (default 5)",
+    "load_model": "explicit: a model to load at start-up (repeatable, or comma-separated; "
+    "* for all)",
+    "model_control_api": "on to serve visionrpc.v1.ModelControlService (load, unload, "
+    "reload, repository index); default off",
+    "model_control_token_file": "file holding the bearer token the model-control API requires "
+    "(or VISIONRPC_MODEL_CONTROL_TOKEN); needed when auth is on",
     "log_level": "DEBUG, INFO, WARNING or ERROR (default INFO)",
     "log_format": "text or json (default text)",
 }
+
+
+# Flags that may be given more than once; their values add up.
+_REPEATABLE = frozenset({"load_model"})
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -69,7 +82,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         # SUPPRESS keeps flags that were not given out of the namespace, so the
         # environment and the config file can fill them.
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=help_text
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            action="append" if name in _REPEATABLE else "store",
+            help=help_text,
         )
     parser.set_defaults(handler=run_serve)
 
@@ -78,6 +95,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
     from .settings import load_settings
 
     given = {name: getattr(args, name) for name in _SETTING_HELP if hasattr(args, name)}
+    if "load_model" in given:
+        given["load_model"] = ",".join(given["load_model"])
     return load_settings(given, environ, args.config)
 
 

@@ -9,7 +9,9 @@ gRPC status codes, so the batcher, preprocessing and runtime never import grpc.
     ├── Overloaded          RESOURCE_EXHAUSTED
     ├── DeadlineExceeded    DEADLINE_EXCEEDED
     ├── Cancelled           CANCELLED
-    └── Unavailable         UNAVAILABLE
+    ├── Unavailable         UNAVAILABLE
+    └── FailedPrecondition  FAILED_PRECONDITION (model control: not in this mode, or
+                            the repository's files do not load)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ErrorKind(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
+    FAILED_PRECONDITION = "failed_precondition"
     INTERNAL = "internal"
 
 
@@ -61,3 +64,7 @@ class Cancelled(VisionRPCError):
 
 class Unavailable(VisionRPCError):
     kind = ErrorKind.UNAVAILABLE
+
+
+class FailedPrecondition(VisionRPCError):
+    kind = ErrorKind.FAILED_PRECONDITION

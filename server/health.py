@@ -72,6 +72,10 @@ class HealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             self._statuses = dict.fromkeys(self._statuses, NOT_SERVING)
             self._changed.notify_all()
 
+    def status(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
+        """What ``Check`` answers for ``service`` (SERVICE_UNKNOWN for one never set)."""
+        return self._status_of(service)
+
     def _status_of(self, service: str) -> health_pb2.HealthCheckResponse.ServingStatus:
         return self._statuses.get(service, SERVICE_UNKNOWN)
 

@@ -17,12 +17,14 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .views import parse_view
 
 TASKS = ("classification", "multilabel", "points")
 RESIZE_METHODS = ("crop", "squish", "pad")
@@ -61,12 +63,44 @@ class TTAConfig:
     """Test-time augmentation: deterministic views blended as fastai's ``tta`` does."""
 
     enabled: bool = False
-    # Views besides the identity; see visionrpc.server.preprocess.parse_view.
+    # Views besides the identity; see visionrpc.server.views.parse_view.
     views: tuple[str, ...] = ("flip",)
     # Weight of the un-augmented prediction: lerp(mean(augmented), plain, beta).
     beta: float = 0.25
     # How much larger the resize is that the zoom views crop from.
     zoom: float = 1.15
+
+
+VERSION_POLICIES = ("latest", "all", "specific")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of a model's version folders serve, as Triton's ``version_policy`` says.
+
+    In the config: ``{"latest": {"num_versions": 2}}``, ``{"all": {}}`` or
+    ``{"specific": {"versions": [1, 3]}}``; without one, the newest version alone.
+    """
+
+    kind: str = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: Sequence[int]) -> list[int]:
+        """The versions to serve among those on disk, oldest first."""
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [version for version in ordered if version in self.versions]
+        return ordered[-self.num_versions :]
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.kind == "latest":
+            return {"latest": {"num_versions": self.num_versions}}
+        if self.kind == "specific":
+            return {"specific": {"versions": list(self.versions)}}
+        return {"all": {}}
 
 
 @dataclass(frozen=True)
@@ -94,11 +128,7 @@ class ModelConfig:
     tta: TTAConfig = field(default_factory=TTAConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     training: TrainingSummary = field(default_factory=TrainingSummary)
-
-    @property
-    def output_width(self) -> int:
-        """The number of floats the model returns per image."""
-        return 2 * len(self.labels) if self.task == "points" else len(self.labels)
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -107,6 +137,11 @@ class ModelConfig:
         data["tta"]["views"] = list(self.tta.views)
         data["training"]["metrics"] = dict(self.training.metrics)
         data["batching"] = {k: v for k, v in data["batching"].items() if v is not None}
+        # The default policy is left out, so configs written before policies existed are unchanged.
+        if self.version_policy == VersionPolicy():
+            del data["version_policy"]
+        else:
+            data["version_policy"] = self.version_policy.to_dict()
         return data
 
     def to_json(self) -> str:
@@ -119,7 +154,7 @@ def model_config_from_dict(data: Mapping[str, Any], *, name: str | None = None) 
         raise ConfigError("the config must be a mapping")
     known = {
         "name", "task", "labels", "input", "threshold", "class_thresholds",
-        "min_confidence", "top_k", "tta", "batching", "training",
+        "min_confidence", "top_k", "tta", "batching", "training", "version_policy",
     }  # fmt: skip
     unknown = sorted(set(data) - known)
     if unknown:
@@ -155,6 +190,7 @@ def model_config_from_dict(data: Mapping[str, Any], *, name: str | None = None) 
         tta=_tta(data.get("tta", {})),
         batching=_batching(data.get("batching", {})),
         training=_training(data.get("training", {})),
+        version_policy=_version_policy(data.get("version_policy")),
     )
 
 
@@ -227,8 +263,6 @@ def _input_spec(raw: Any) -> InputSpec:
 
 
 def _tta(raw: Any) -> TTAConfig:
-    from .preprocess import parse_view  # local: preprocess imports this module's types
-
     if not isinstance(raw, Mapping):
         raise ConfigError("tta must be a mapping")
     views = tuple(str(v) for v in raw.get("views", TTAConfig.views))
@@ -269,6 +303,31 @@ def _batching(raw: Any) -> BatchingConfig:
         instances=optional_int("instances"),
         wait_when_idle=wait_when_idle,
     )
+
+
+def _version_policy(raw: Any) -> VersionPolicy:
+    if raw is None:
+        return VersionPolicy()
+    if not isinstance(raw, Mapping) or len(raw) != 1 or next(iter(raw)) not in VERSION_POLICIES:
+        raise ConfigError(
+            'version_policy must be one of {"latest": {"num_versions": N}}, {"all": {}} '
+            'or {"specific": {"versions": [...]}}'
+        )
+    kind, options = next(iter(raw.items()))
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"version_policy.{kind} must be a mapping")
+    if kind == "latest":
+        count = _positive_int(options.get("num_versions", 1), "version_policy.latest.num_versions")
+        return VersionPolicy(kind="latest", num_versions=count)
+    if kind == "specific":
+        versions = options.get("versions")
+        if not isinstance(versions, list) or not versions:
+            raise ConfigError("version_policy.specific.versions must be a non-empty list")
+        checked = tuple(
+            sorted({_positive_int(v, "version_policy.specific.versions[]") for v in versions})
+        )
+        return VersionPolicy(kind="specific", versions=checked)
+    return VersionPolicy(kind="all")
 
 
 def _training(raw: Any) -> TrainingSummary:

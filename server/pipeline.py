@@ -21,7 +21,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,16 +31,17 @@ import numpy as np
 from .batching import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Reservation
 from .errors import DeadlineExceeded, InvalidInput, Overloaded, VisionRPCError
 from .model_config import InputSpec
-from .postprocess import (
-    ClassificationResult,
-    ImageResult,
-    MultiLabelResult,
-    PredictionOptions,
-    finish,
-    resolve_options,
+from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
+from .preprocess import (
+    Geometry,
+    ImageLimits,
+    View,
+    decode_for_model,
+    image_from_pixels,
+    prepare_views,
 )
-from .preprocess import Geometry, ImageLimits, View, image_from_pixels, load_image, prepare_views
 from .repository import LoadedModel, ModelRepository
+from .tasks import PredictionObserver, serving_task
 
 
 @dataclass(frozen=True)
@@ -79,19 +80,10 @@ class PredictOutcome:
 _PreparedImage = list[tuple[np.ndarray, Geometry]]
 
 
-class PipelineObserver(Protocol):
+class PipelineObserver(PredictionObserver, Protocol):
     """What the pipeline reports; ``metrics.ServerMetrics`` implements it."""
 
     def preprocess_observed(self, model: str, seconds: float) -> None: ...
-    def classification_observed(self, model: str, version: str, top1_score: float) -> None: ...
-    def multilabel_observed(self, model: str, version: str, labels_count: int) -> None: ...
-    def points_observed(
-        self,
-        model: str,
-        version: str,
-        xs_normalized: Iterable[float],
-        ys_normalized: Iterable[float],
-    ) -> None: ...
     def tta_used(self, model: str, version: str, images: int) -> None: ...
 
 
@@ -131,7 +123,14 @@ class Pipeline:
 
     async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
         """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
-        model = self.repository.get(call.model, call.version)
+        # Held for the whole call, so a swap or an unload lets it finish on this version.
+        with self.repository.use(call.model, call.version) as model:
+            return await self._predict(model, call, deadline)
+
+    async def _predict(
+        self, model: LoadedModel, call: PredictCall, deadline: float | None
+    ) -> PredictOutcome:
+        refuse_foreign_options(model.config.task, call.options)
         resolved = resolve_options(model.config, call.options)
         if not call.images:
             raise InvalidInput("the request has no images")
@@ -213,14 +212,40 @@ class Pipeline:
         return prepared
 
 
+# The options each task reads; tta and tta_views apply to every task. all_scores is
+# left out: a plain bool with no "unset", which the Open Inference Protocol path always
+# sets because its multilabel answer carries every score.
+_TASK_OPTIONS = {
+    "classification": frozenset({"top_k", "min_confidence"}),
+    "multilabel": frozenset({"threshold", "class_thresholds"}),
+    "points": frozenset[str](),
+}
+
+
+def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
+    """An option another task reads would be silently ignored here: refuse it instead."""
+    given = {
+        "top_k": options.top_k is not None,
+        "min_confidence": options.min_confidence is not None,
+        "threshold": options.threshold is not None,
+        "class_thresholds": bool(options.class_thresholds),
+    }
+    applies = _TASK_OPTIONS.get(task, frozenset(given))
+    foreign = sorted(name for name, is_set in given.items() if is_set and name not in applies)
+    if foreign:
+        taken = ", ".join([*sorted(applies), "tta", "tta_views"])
+        raise InvalidInput(
+            f"options.{foreign[0]}: does not apply to {task} models, which take {taken}"
+        )
+
+
 def decode_and_prepare(
     image: ImageInput, spec: InputSpec, views: tuple[View, ...], limits: ImageLimits
 ) -> _PreparedImage:
     """Blocking: bytes to one model-input row per view."""
     if isinstance(image, EncodedImage):
-        decoded = load_image(image.data, limits)
-    else:
-        decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
+        return prepare_views(decode_for_model(image.data, spec, views, limits), spec, views)
+    decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)
     return prepare_views(decoded, spec, views)
 
 
@@ -239,20 +264,9 @@ def observe_results(
     """What the answered images look like, so drifting inputs show on a dashboard."""
     version = str(model.version)
     answered = [result for result in results if not isinstance(result, VisionRPCError)]
+    task = serving_task(model.config.task)
     for answer in answered:
-        result = answer.result
-        if isinstance(result, ClassificationResult):
-            if result.top:
-                observer.classification_observed(model.name, version, result.top[0].score)
-        elif isinstance(result, MultiLabelResult):
-            observer.multilabel_observed(model.name, version, len(result.labels))
-        else:
-            observer.points_observed(
-                model.name,
-                version,
-                [point.x_normalized for point in result.points],
-                [point.y_normalized for point in result.points],
-            )
+        task.observe(observer, model.name, version, answer.result)
     with_tta = sum(1 for answer in answered if answer.tta_applied)
     if with_tta:
         observer.tta_used(model.name, version, with_tta)

@@ -2,14 +2,13 @@
 
 ``resolve_options`` merges a request's options with the model's configured defaults
 once per request (and refuses bad values with ``InvalidInput`` naming the field);
-``finish`` turns the rows the model returned for one image's views into its result.
+``finish`` turns the rows the model returned for one image's views into its result,
+through the image's task module in ``visionrpc.server.tasks``.
 
 Test-time augmentation blends like fastai's ``Learner.tta``: the mean over the
 augmented views, then ``lerp(aug_mean, plain, beta) = (1 - beta) * aug_mean + beta *
-plain``. Scores are blended as probabilities. Points are first mapped back to
-original-image pixels through each view's own geometry (a flip mirrors x, a zoom
-crop shifts and scales), and only then blended, because the views' [-1, 1] frames
-differ from one another.
+plain`` (``tasks.base.blend``). Scores are blended as probabilities; points in
+original-image pixels (see ``tasks.points``).
 
 Options that do not apply to a model's task (``top_k`` for multilabel, thresholds for
 classification, ...) are still checked but change nothing, so one client can send the
@@ -27,6 +26,30 @@ import numpy as np
 from .errors import InvalidInput
 from .model_config import ModelConfig
 from .preprocess import IDENTITY, Geometry, View, parse_view
+from .tasks import (
+    ClassificationResult,
+    LabelScore,
+    MultiLabelResult,
+    PointResult,
+    PointsResult,
+    ResolvedOptions,
+    TaskResult,
+    serving_task,
+)
+
+# Re-exported: the results and option types were defined here before the task registry.
+__all__ = [
+    "ClassificationResult",
+    "ImageResult",
+    "LabelScore",
+    "MultiLabelResult",
+    "PointResult",
+    "PointsResult",
+    "PredictionOptions",
+    "ResolvedOptions",
+    "finish",
+    "resolve_options",
+]
 
 
 @dataclass(frozen=True)
@@ -43,60 +66,8 @@ class PredictionOptions:
 
 
 @dataclass(frozen=True)
-class ResolvedOptions:
-    """Options with every default filled in, checked against one model."""
-
-    top_k: int
-    # One threshold per label, in vocabulary order.
-    thresholds: np.ndarray
-    min_confidence: float
-    # The views to run, identity first.
-    views: tuple[View, ...]
-    beta: float
-    all_scores: bool
-    tta_applied: bool
-
-
-@dataclass(frozen=True)
-class LabelScore:
-    label: str
-    score: float
-    # multilabel: the threshold applied to this label; 0 for classification.
-    threshold: float
-
-
-@dataclass(frozen=True)
-class ClassificationResult:
-    top: list[LabelScore]
-    below_min_confidence: bool
-    min_confidence: float
-
-
-@dataclass(frozen=True)
-class MultiLabelResult:
-    labels: list[LabelScore]
-    all_scores: list[LabelScore]
-
-
-@dataclass(frozen=True)
-class PointResult:
-    name: str
-    # Original-image pixels, after EXIF orientation.
-    x: float
-    y: float
-    # The model's coordinates in the identity view: -1 left/top edge, +1 right/bottom.
-    x_normalized: float
-    y_normalized: float
-
-
-@dataclass(frozen=True)
-class PointsResult:
-    points: list[PointResult]
-
-
-@dataclass(frozen=True)
 class ImageResult:
-    result: ClassificationResult | MultiLabelResult | PointsResult
+    result: TaskResult
     tta_applied: bool
     # Views blended, identity included.
     tta_views: int
@@ -134,20 +105,13 @@ def finish(
 
     A wrong output shape is the model's fault, not the caller's: it raises ValueError.
     """
-    expected = (len(resolved.views), config.output_width)
+    task = serving_task(config.task)
+    expected = (len(resolved.views), task.output_width(config))
     if outputs.shape != expected:
         raise ValueError(f"model {config.name} returned shape {outputs.shape}, expected {expected}")
     if len(geometries) != len(resolved.views):
         raise ValueError(f"{len(geometries)} geometries for {len(resolved.views)} views")
-    result: ClassificationResult | MultiLabelResult | PointsResult
-    if config.task == "points":
-        result = _points(config, resolved, outputs, geometries)
-    else:
-        scores = _blend(outputs.astype(np.float64), resolved.beta)
-        if config.task == "classification":
-            result = _classification(config, resolved, scores)
-        else:
-            result = _multilabel(config, resolved, scores)
+    result: TaskResult = task.postprocess(config, resolved, outputs, geometries)
     return ImageResult(
         result=result,
         tta_applied=resolved.tta_applied,
@@ -155,70 +119,6 @@ def finish(
         original_width=geometries[0].original_width,
         original_height=geometries[0].original_height,
     )
-
-
-def _blend(rows: np.ndarray, beta: float) -> np.ndarray:
-    """fastai's TTA blend of ``rows`` (identity first); one row is returned unchanged."""
-    plain: np.ndarray = rows[0]
-    if len(rows) == 1:
-        return plain
-    aug_mean: np.ndarray = rows[1:].mean(axis=0)
-    blended: np.ndarray = (1.0 - beta) * aug_mean + beta * plain
-    return blended
-
-
-def _as_reported(value: float) -> float:
-    # Scores travel as float32; deciding in float32 keeps "score == threshold is
-    # included" true for the numbers the caller actually sees.
-    return float(np.float32(value))
-
-
-def _classification(
-    config: ModelConfig, resolved: ResolvedOptions, scores: np.ndarray
-) -> ClassificationResult:
-    # Stable sort: ties keep vocabulary order, so equal scores come back deterministically.
-    order = np.argsort(-scores, kind="stable")[: resolved.top_k]
-    top = [LabelScore(config.labels[i], _as_reported(scores[i]), 0.0) for i in order]
-    best = top[0].score
-    return ClassificationResult(
-        top=top,
-        below_min_confidence=best < _as_reported(resolved.min_confidence),
-        min_confidence=resolved.min_confidence,
-    )
-
-
-def _multilabel(
-    config: ModelConfig, resolved: ResolvedOptions, scores: np.ndarray
-) -> MultiLabelResult:
-    every = [
-        LabelScore(label, _as_reported(score), float(threshold))
-        for label, score, threshold in zip(config.labels, scores, resolved.thresholds, strict=True)
-    ]
-    chosen = [item for item in every if item.score >= _as_reported(item.threshold)]
-    chosen.sort(key=lambda item: item.score, reverse=True)
-    return MultiLabelResult(labels=chosen, all_scores=every if resolved.all_scores else [])
-
-
-def _points(
-    config: ModelConfig,
-    resolved: ResolvedOptions,
-    outputs: np.ndarray,
-    geometries: Sequence[Geometry],
-) -> PointsResult:
-    coords = outputs.astype(np.float64).reshape(len(geometries), len(config.labels), 2)
-    # Every view's prediction in original pixels first: the views' own frames differ.
-    original = np.array(
-        [
-            [geometry.normalized_to_original(u, v) for u, v in view_coords]
-            for geometry, view_coords in zip(geometries, coords, strict=True)
-        ]
-    )
-    blended = _blend(original, resolved.beta)
-    points = []
-    for name, (x, y) in zip(config.labels, blended, strict=True):
-        u, v = geometries[0].original_to_normalized(x, y)
-        points.append(PointResult(name, float(x), float(y), float(u), float(v)))
-    return PointsResult(points=points)
 
 
 def _thresholds(config: ModelConfig, options: PredictionOptions) -> np.ndarray:

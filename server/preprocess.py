@@ -1,8 +1,13 @@
 """Image decoding and resizing: the one path from a file to a model's input.
 
-The server and the training module's validation path both call ``load_image`` and
-``prepare``, so a served prediction equals the validation prediction for the same
+The server and the training module's validation path both call ``decode_for_model``
+and ``prepare``, so a served prediction equals the validation prediction for the same
 file. Nothing here knows about gRPC; bad input raises ``InvalidInput``.
+
+A JPEG much larger than the model's input is decoded at a reduced scale (libjpeg
+scales its DCT by 1/2, 1/4 or 1/8, Pillow's ``draft``), keeping at least
+``DRAFT_MARGIN`` decoded pixels per input pixel for the exact resize that follows, as
+Pillow's ``thumbnail`` does: a 4000x3000 photo for a 224 model decodes at 1000x750.
 
 Coordinates are continuous pixels: pixel ``i`` covers ``[i, i + 1)``. Every prepared
 view returns a ``Geometry`` that maps points in the model's input back to the
@@ -13,33 +18,111 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 
 from .errors import InvalidInput
 from .model_config import InputSpec
+from .views import IDENTITY, View, parse_view
 
-# Corner anchors of the zoom views: where the smaller box sits inside the base box.
-_ZOOM_ANCHORS = {
-    "center": (0.5, 0.5),
-    "tl": (0.0, 0.0),
-    "tr": (1.0, 0.0),
-    "bl": (0.0, 1.0),
-    "br": (1.0, 1.0),
-}
-
+# Re-exported: the views were defined here before they moved to a module of their own.
+__all__ = [
+    "IDENTITY",
+    "DecodedImage",
+    "Geometry",
+    "ImageLimits",
+    "View",
+    "decode_for_model",
+    "image_from_pixels",
+    "input_geometry",
+    "load_image",
+    "parse_view",
+    "prepare",
+    "prepare_views",
+    "to_rgb",
+]
 
 # The letterbox of a "pad" model is drawn at the image's own resolution, so its size grows
 # with the aspect ratio: a 40000x400 image (a few KB of PNG) would need 1.6 G pixels. Past
 # this many the image is shrunk first; the model sees a few hundred pixels a side anyway.
 MAX_PAD_CANVAS_PIXELS = 64_000_000
 
+# Decoded pixels kept per model-input pixel (each way) when a JPEG decodes at a reduced scale:
+# the exact resize after it still averages at least 2x2 pixels (Pillow's reducing_gap).
+DRAFT_MARGIN = 2.0
+
 # The encoded formats the API accepts ("JPEG" opens cameras' multi-picture MPO files too).
 # Naming them keeps Pillow's other decoders (EPS through Ghostscript, ...) out of reach.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+# What callers see: MPO is decoded by the JPEG plugin but is a format of its own to them.
+REPORTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF")
+
+# Leading bytes of common formats, to say what an unusable file is. Header sniffing only:
+# handing the bytes to Pillow's other plugins would put their parsers within reach.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\xff\xd8\xff", "JPEG"),
+    (0, b"\x89PNG\r\n\x1a\n", "PNG"),
+    (0, b"GIF87a", "GIF"),
+    (0, b"GIF89a", "GIF"),
+    (0, b"BM", "BMP"),
+    (8, b"WEBP", "WEBP"),
+    (0, b"II*\x00", "TIFF"),
+    (0, b"MM\x00*", "TIFF"),
+    (0, b"%PDF", "PDF"),
+    (0, b"%!PS", "PostScript"),
+    (0, b"8BPS", "PSD"),
+    (0, b"\x00\x00\x01\x00", "ICO"),
+    (0, b"\xff\x0a", "JPEG XL"),
+    (4, b"JXL ", "JPEG XL"),
+    (4, b"ftypavif", "AVIF"),
+    (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"),
+    (4, b"ftypmif1", "HEIF"),
+    (0, b"qoif", "QOI"),
+)
+_SVG = re.compile(rb"<svg[\s>]", re.IGNORECASE)
+# Pillow names its input in some messages: "<_io.BytesIO object at 0x7f...>".
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def accepted_extensions() -> tuple[str, ...]:
+    """File name suffixes of REPORTED_FORMATS, as Pillow registers them, sorted."""
+    return tuple(
+        sorted(
+            extension
+            for extension, image_format in Image.registered_extensions().items()
+            if image_format in REPORTED_FORMATS
+        )
+    )
+
+
+def detected_format(data: bytes) -> str | None:
+    """The format the leading bytes announce, or None."""
+    for offset, signature, name in _SIGNATURES:
+        if data[offset : offset + len(signature)] == signature:
+            return name
+    if _SVG.search(data[:4096]):
+        return "SVG"
+    return None
+
+
+def _undecodable(data: bytes, reason: str) -> InvalidInput:
+    """An unusable file: what it looks like, why it failed, and what is accepted."""
+    accepted = f"accepted formats: {', '.join(REPORTED_FORMATS)}"
+    found = detected_format(data)
+    if found is None:
+        return InvalidInput(f"not an image in a known format (none detected); {accepted}")
+    if found not in REPORTED_FORMATS:
+        return InvalidInput(f"unsupported image format {found}; {accepted}")
+    reason = _OBJECT_REPR.sub("", reason).strip() or "unreadable data"
+    return InvalidInput(
+        f"the {found} data cannot be decoded ({reason}); the file may be truncated or damaged"
+    )
 
 
 @dataclass(frozen=True)
@@ -48,40 +131,6 @@ class ImageLimits:
 
     max_bytes: int = 32 * 1024 * 1024
     max_pixels: int = 40_000_000
-
-
-@dataclass(frozen=True)
-class View:
-    """A deterministic test-time view: an optional zoom crop, then an optional flip."""
-
-    name: str = "identity"
-    flip: bool = False
-    zoom: float = 1.0
-    anchor: tuple[float, float] = (0.5, 0.5)
-
-
-IDENTITY = View()
-
-
-def parse_view(name: str, *, zoom: float) -> View:
-    """``identity``, ``flip``, ``zoom_<center|tl|tr|bl|br>``, or ``flip+zoom_<...>``."""
-    flip = False
-    zoom_factor = 1.0
-    anchor = (0.5, 0.5)
-    for part in name.split("+"):
-        if part == "identity":
-            continue
-        if part == "flip" and not flip:
-            flip = True
-        elif part.startswith("zoom_") and part[5:] in _ZOOM_ANCHORS and zoom_factor == 1.0:
-            zoom_factor = zoom
-            anchor = _ZOOM_ANCHORS[part[5:]]
-        else:
-            raise ValueError(
-                f"unknown view {name!r}: use identity, flip, "
-                f"zoom_<{'|'.join(_ZOOM_ANCHORS)}> or flip+zoom_<...>"
-            )
-    return View(name=name, flip=flip, zoom=zoom_factor, anchor=anchor)
 
 
 @dataclass(frozen=True)
@@ -112,8 +161,58 @@ class Geometry:
         return x_in / self.input_width * 2.0 - 1.0, y_in / self.input_height * 2.0 - 1.0
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image and the original it came from (after EXIF orientation)."""
+
+    image: Image.Image
+    original_width: int
+    original_height: int
+    # Original pixels per pixel of ``image``: 2, 4 or 8 where a JPEG decoded at reduced scale.
+    scale: int = 1
+
+
 def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
-    """Decode an encoded image to RGB with its EXIF orientation applied."""
+    """Decode an encoded image in full to RGB with its EXIF orientation applied."""
+    return _decode(data, limits, None).image
+
+
+def decode_for_model(
+    data: bytes,
+    spec: InputSpec,
+    views: Sequence[View] = (IDENTITY,),
+    limits: ImageLimits = ImageLimits(),
+) -> DecodedImage:
+    """Decode an encoded image for ``spec``'s views: at a reduced scale where that is enough."""
+    return _decode(data, limits, (spec, views))
+
+
+def input_geometry(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> Geometry:
+    """The geometry ``prepare(decode_for_model(data, spec), spec)`` gives, from the header."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
+            _check_pixels(opened.width, opened.height, limits)
+            original_width, original_height = opened.size
+            scale = _draft(opened, spec, (IDENTITY,))
+            width, height = opened.size
+            if opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+                original_width, original_height = original_height, original_width
+    except InvalidInput:
+        raise
+    except Exception as exc:
+        raise _undecodable(data, str(exc)) from exc
+    # prepare's geometry depends only on the sizes, so a blank image of that size gives it.
+    blank = DecodedImage(Image.new("L", (width, height)), original_width, original_height, scale)
+    return prepare(blank, spec)[1]
+
+
+_ORIENTATION = 0x0112
+
+
+def _decode(
+    data: bytes, limits: ImageLimits, target: tuple[InputSpec, Sequence[View]] | None
+) -> DecodedImage:
     if not data:
         raise InvalidInput("the image is empty")
     if len(data) > limits.max_bytes:
@@ -124,8 +223,13 @@ def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
         # DecompressionBombWarning may show for a huge image that _check_pixels refuses.
         opened = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         _check_pixels(opened.width, opened.height, limits)
+        width, height = opened.size
+        # Orientations 5..8 turn the picture a quarter: exif_transpose swaps its sides.
+        if opened.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+        scale = 1 if target is None else _draft(opened, *target)
         opened.load()  # forces a full decode: truncated files fail here
-        return to_rgb(ImageOps.exif_transpose(opened))
+        image = to_rgb(ImageOps.exif_transpose(opened))
     except InvalidInput:
         raise
     except Image.DecompressionBombError as exc:
@@ -133,7 +237,37 @@ def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     except Exception as exc:
         # Pillow's decoders fail on hostile bytes with many exception types (struct.error,
         # IndexError, ...): every one of them means the caller sent an undecodable file.
-        raise InvalidInput(f"not a decodable image: {exc}") from exc
+        raise _undecodable(data, str(exc)) from exc
+    return DecodedImage(image, width, height, scale)
+
+
+def _draft(opened: Image.Image, spec: InputSpec, views: Sequence[View]) -> int:
+    """Let libjpeg decode at a reduced scale that still suits every view; returns it."""
+    if not isinstance(opened, JpegImageFile):
+        return 1
+    # The views' boxes are fixed fractions of the image, so one ratio fits the whole image.
+    needed = _needed_fraction(opened.width, opened.height, spec, views)
+    if needed >= 0.5:
+        return 1
+    full_width = opened.width
+    requested = (math.ceil(full_width * needed), math.ceil(opened.height * needed))
+    # The mode as it is: draft may only convert between a few modes, to_rgb does the rest.
+    drafted = opened.draft(opened.mode, requested)
+    if drafted is None:  # a file draft cannot scale (several tiles)
+        return 1
+    _, box = drafted
+    # box is the full image's size over the scale.
+    return round(full_width / box[2])
+
+
+def _needed_fraction(width: int, height: int, spec: InputSpec, views: Sequence[View]) -> float:
+    """The smallest fraction of the image's size that keeps DRAFT_MARGIN pixels per input pixel."""
+    canvas_w, canvas_h = (
+        _canvas_size(width, height, spec) if spec.resize_method == "pad" else (width, height)
+    )
+    _, _, box_w, box_h = _base_box(canvas_w, canvas_h, spec)
+    zoom = max(1.0, *(view.zoom for view in views))
+    return DRAFT_MARGIN * zoom * max(spec.width / box_w, spec.height / box_h)
 
 
 def image_from_pixels(
@@ -179,17 +313,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def prepare(
-    image: Image.Image, spec: InputSpec, view: View = IDENTITY
+    image: Image.Image | DecodedImage, spec: InputSpec, view: View = IDENTITY
 ) -> tuple[np.ndarray, Geometry]:
     """Resize (and crop, pad, zoom, flip) an RGB image to the model's input.
 
-    Returns a C-contiguous uint8 HWC array and the geometry of this view.
+    Returns a C-contiguous uint8 HWC array and the geometry of this view, which maps to
+    the original's pixels also where ``image`` was decoded at a reduced scale.
     """
-    source, pad_x, pad_y = image, 0, 0
-    # Original pixels per pixel of ``source``: above 1 only for a shrunk letterbox.
-    shrink_x = shrink_y = 1.0
+    decoded = image if isinstance(image, DecodedImage) else DecodedImage(image, *image.size)
+    source, pad_x, pad_y = decoded.image, 0, 0
+    # Original pixels per pixel of ``source``: above 1 for a reduced-scale decode or a
+    # shrunk letterbox. A reduced-scale pixel i covers original pixels [s*i, s*(i+1)).
+    shrink_x = shrink_y = float(decoded.scale)
     if spec.resize_method == "pad":
-        source, shrink_x, shrink_y = _fit_for_padding(image, spec)
+        source, fit_x, fit_y = _fit_for_padding(source, spec)
+        shrink_x, shrink_y = shrink_x * fit_x, shrink_y * fit_y
         source, pad_x, pad_y = _padded(source, spec)
     left, top, box_w, box_h = _base_box(source.width, source.height, spec)
     if view.zoom != 1.0:
@@ -211,8 +349,8 @@ def prepare(
         offset_x += scale_x * spec.width
         scale_x = -scale_x
     geometry = Geometry(
-        original_width=image.width,
-        original_height=image.height,
+        original_width=decoded.original_width,
+        original_height=decoded.original_height,
         scale_x=scale_x,
         offset_x=offset_x,
         scale_y=scale_y,
@@ -224,7 +362,7 @@ def prepare(
 
 
 def prepare_views(
-    image: Image.Image, spec: InputSpec, views: Sequence[View]
+    image: Image.Image | DecodedImage, spec: InputSpec, views: Sequence[View]
 ) -> list[tuple[np.ndarray, Geometry]]:
     return [prepare(image, spec, view) for view in views]
 

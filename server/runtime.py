@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .model_config import ModelConfig
+from .tasks import serving_task
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -93,6 +94,8 @@ class ModelRuntime:
         self.provider: str = self._session.get_providers()[0]
         if CUDA in providers and self.provider != CUDA:
             _ProviderProbe.cuda_failed = True
+        # Per task (see visionrpc.server.tasks): classes, or two coordinates per point.
+        self.output_width = serving_task(config.task).output_width(config)
         self._input_name = self._check_input()
         self._check_output()
         self.warmup_seconds = 0.0
@@ -113,7 +116,7 @@ class ModelRuntime:
                 raise ModelLoadError(
                     f"{self.path}: fails on a batch of {size} zero images: {exc}"
                 ) from exc
-            expected = (size, self.config.output_width)
+            expected = (size, self.output_width)
             if outputs.shape != expected:
                 raise ModelLoadError(
                     f"{self.path}: returned shape {outputs.shape} for a batch of {size}, "
@@ -145,10 +148,10 @@ class ModelRuntime:
         output = self._session.get_outputs()[0]
         if output.type != "tensor(float)":
             raise ModelLoadError(f"{self.path}: output is {output.type}, expected tensor(float)")
-        if not _shape_matches(output.shape, (None, self.config.output_width)):
+        if not _shape_matches(output.shape, (None, self.output_width)):
             raise ModelLoadError(
                 f"{self.path}: output shape {output.shape} does not fit "
-                f"[batch, {self.config.output_width}] ({self.config.task} with "
+                f"[batch, {self.output_width}] ({self.config.task} with "
                 f"{len(self.config.labels)} labels)"
             )
 

@@ -26,20 +26,17 @@ from prometheus_client import CollectorRegistry
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos import task_to_proto
 
 from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
 from .logging_setup import ACCESS_LOGGER, request_log
 from .metrics import ServerMetrics
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
-from .postprocess import (
-    ClassificationResult,
-    ImageResult,
-    LabelScore,
-    MultiLabelResult,
-    PredictionOptions,
-)
+from .postprocess import ImageResult, PredictionOptions
+from .preprocess import REPORTED_FORMATS, accepted_extensions
 from .repository import LoadedModel, ModelRepository
+from .tasks import serving_task
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger(ACCESS_LOGGER)
@@ -55,6 +52,7 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -69,7 +67,7 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
 
-class InferenceServicer(pb_grpc.InferenceServicer):
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
         self,
         pipeline: Pipeline,
@@ -165,7 +163,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             summaries.append(
                 pb.ModelSummary(
                     name=name,
-                    task=newest.config.task,
+                    task=task_to_proto(newest.config.task),
                     versions=[str(v) for v in self._repository.versions(name)],
                     provider=newest.runtime.provider,
                 )
@@ -196,7 +194,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     model=request.model,
                     version=request.version,
                     request_id=request.request_id,
-                    error=pb.Status(code=code.value[0], message=message),
+                    error=pb.ErrorStatus(code=code.value[0], message=message),
                 )
         self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
         return response_to_proto(outcome, request.request_id)
@@ -315,58 +313,27 @@ def response_to_proto(outcome: PredictOutcome, request_id: str) -> pb.PredictRes
     return pb.PredictResponse(
         model=outcome.model.name,
         version=str(outcome.model.version),
-        task=outcome.model.config.task,
-        results=[image_result_to_proto(result) for result in outcome.results],
+        task=task_to_proto(outcome.model.config.task),
+        results=[
+            image_result_to_proto(result, outcome.model.config.task) for result in outcome.results
+        ],
         request_id=request_id,
     )
 
 
-def image_result_to_proto(outcome: ImageResult | VisionRPCError) -> pb.ImageResult:
+def image_result_to_proto(outcome: ImageResult | VisionRPCError, task: str) -> pb.ImageResult:
     if isinstance(outcome, VisionRPCError):
         code, message = status_of(outcome)
-        return pb.ImageResult(error=pb.Status(code=code.value[0], message=message))
+        return pb.ImageResult(error=pb.ErrorStatus(code=code.value[0], message=message))
     converted = pb.ImageResult(
         tta_applied=outcome.tta_applied,
         tta_views=outcome.tta_views,
         original_width=outcome.original_width,
         original_height=outcome.original_height,
     )
-    result = outcome.result
-    if isinstance(result, ClassificationResult):
-        converted.classification.CopyFrom(
-            pb.Classification(
-                top=[_label_score(item) for item in result.top],
-                below_min_confidence=result.below_min_confidence,
-                min_confidence=result.min_confidence,
-            )
-        )
-    elif isinstance(result, MultiLabelResult):
-        converted.multilabel.CopyFrom(
-            pb.MultiLabel(
-                labels=[_label_score(item) for item in result.labels],
-                all_scores=[_label_score(item) for item in result.all_scores],
-            )
-        )
-    else:
-        converted.points.CopyFrom(
-            pb.Points(
-                points=[
-                    pb.Point(
-                        name=point.name,
-                        x=point.x,
-                        y=point.y,
-                        x_normalized=point.x_normalized,
-                        y_normalized=point.y_normalized,
-                    )
-                    for point in result.points
-                ]
-            )
-        )
+    # The model's task module fills its own field of the result.
+    serving_task(task).to_v1(outcome.result, converted)
     return converted
-
-
-def _label_score(item: LabelScore) -> pb.LabelScore:
-    return pb.LabelScore(label=item.label, score=item.score, threshold=item.threshold)
 
 
 def model_info_to_proto(
@@ -377,7 +344,7 @@ def model_info_to_proto(
         name=config.name,
         version=str(model.version),
         versions=[str(v) for v in versions],
-        task=config.task,
+        task=task_to_proto(config.task),
         labels=list(config.labels),
         input=pb.InputGeometry(
             height=config.input.height,
@@ -406,4 +373,6 @@ def model_info_to_proto(
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
         max_images_per_request=max_images_per_request,
+        accepted_formats=list(REPORTED_FORMATS),
+        accepted_extensions=list(accepted_extensions()),
     )

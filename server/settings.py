@@ -23,6 +23,7 @@ from .batching import BatchSettings
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 SWITCHES = ("on", "off")
 
 
@@ -75,6 +76,17 @@ class ServerSettings:
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Model control (see visionrpc.server.model_manager): none reads the repository once,
+    # poll rescans it every poll_interval_seconds, explicit loads what the admin API asks
+    # for, starting with load_model ("*" for every model).
+    model_control: str = "none"
+    poll_interval_seconds: float = 5.0
+    load_model: tuple[str, ...] = ()
+    # The visionrpc.v1.ModelControlService admin API; off unless asked for. With auth on,
+    # it requires its own token, so an inference token cannot unload models.
+    model_control_api: str = "off"
+    model_control_token: str | None = field(default=None, repr=False)
+    model_control_token_file: Path | None = None
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -116,6 +128,25 @@ class ServerSettings:
             raise SettingsError("set auth_token or auth_token_file, not both")
         if self.auth_token is not None:
             _check_token(self.auth_token, "auth_token")
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise SettingsError(f"model_control must be one of {', '.join(MODEL_CONTROL_MODES)}")
+        if not self.poll_interval_seconds > 0:
+            raise SettingsError("poll_interval_seconds must be positive")
+        if self.load_model and self.model_control != "explicit":
+            raise SettingsError("load_model needs model_control explicit (the others load all)")
+        if self.model_control_token is not None and self.model_control_token_file is not None:
+            raise SettingsError("set model_control_token or model_control_token_file, not both")
+        if self.model_control_token is not None:
+            _check_token(self.model_control_token, "model_control_token")
+        auth_on = self.auth_token is not None or self.auth_token_file is not None
+        control_token = self.model_control_token or self.model_control_token_file
+        if self.model_control_api not in SWITCHES:
+            raise SettingsError("model_control_api must be on or off")
+        if self.model_control_api == "on" and auth_on and control_token is None:
+            raise SettingsError(
+                "with auth on, model_control_api needs its own token: set "
+                "VISIONRPC_MODEL_CONTROL_TOKEN or model_control_token_file"
+            )
 
     @property
     def default_batching(self) -> BatchSettings:
@@ -145,6 +176,14 @@ class ServerSettings:
             return self.auth_token
         token = _read_file(self.auth_token_file, "auth_token_file").decode(errors="replace")
         return _check_token(token.strip(), f"auth_token_file {self.auth_token_file}")
+
+    def read_model_control_token(self) -> str | None:
+        """The bearer token the model-control API requires; None leaves it open."""
+        if self.model_control_token_file is None:
+            return self.model_control_token
+        path = self.model_control_token_file
+        token = _read_file(path, "model_control_token_file").decode(errors="replace")
+        return _check_token(token.strip(), f"model_control_token_file {path}")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .quantize import add_quantize_options
+
 if TYPE_CHECKING:
     from .train import TrainConfig
 
@@ -33,6 +35,11 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     for kind in KINDS:
         parser = actions.add_parser(kind, help=f"train the {kind} model")
         add_training_arguments(parser)
+        parser.add_argument(
+            "--quantize", choices=("int8",),
+            help="also add an int8 version (see visionrpc quantize) if its metric holds",
+        )  # fmt: skip
+        add_quantize_options(parser)
         parser.set_defaults(handler=_train, kind=kind)
 
     lr_find = actions.add_parser("lr-find", help="sweep learning rates and suggest one")
@@ -164,7 +171,25 @@ def _train(args: argparse.Namespace) -> int:
     except _failures() as exc:
         print(f"visionrpc train {args.kind}: {exc}", file=sys.stderr)
         return 1
-    return 0 if result.version_dir is not None else 1
+    if result.version_dir is None:
+        return 1
+    if args.quantize is None:
+        return 0
+    from .quantize import QuantizationError, quantize_version
+
+    try:
+        quantized = quantize_version(
+            args.repository,
+            result.version_dir.parent.name,
+            version=int(result.version_dir.name),
+            max_drop=args.max_drop,
+            calibration_images=args.calibration_images,
+            force=args.force,
+        )
+    except QuantizationError as exc:
+        print(f"visionrpc train {args.kind} --quantize: {exc}", file=sys.stderr)
+        return 1
+    return 0 if quantized.version_dir is not None else 1
 
 
 def _lr_find(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """Datasets to PyTorch DataLoaders: presized training items, server-identical validation items.
 
-Training items are decoded with the server's ``load_image`` and presized on the CPU with
-its ``prepare`` (larger than the model's input, fastai's presizing); the learner moves a
-batch to the device and calls ``augment_batch``, which crops to the final size. Validation
-items take exactly the server's path, ``prepare(load_image(bytes), spec)``, so a metric
-measured here is the metric of the served model.
+Training items are decoded with the server's ``decode_for_model`` and presized on the CPU
+with its ``prepare`` (larger than the model's input, fastai's presizing); the learner moves
+a batch to the device and calls ``augment_batch``, which crops to the final size. Validation
+items take exactly the server's path, ``prepare(decode_for_model(bytes, spec), spec)`` (a
+large JPEG decoded at a reduced scale included), so a metric measured here is the metric of
+the served model.
 
 Batches are ``(uint8 [N, H, W, 3], targets)``: int64 class indices (classification),
 float multi-hot ``[N, C]`` (multilabel), or float ``[N, K, 2]`` points normalised to the
@@ -18,13 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from visionrpc.server.model_config import InputSpec
-from visionrpc.server.preprocess import Geometry, load_image, prepare
+from visionrpc.server.preprocess import Geometry, decode_for_model, input_geometry, prepare
 
 from .datasets import Dataset, Item
 
@@ -66,7 +66,7 @@ class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         item = self.items[index]
-        pixels, geometry = prepare(load_image(item.path.read_bytes()), self.spec)
+        pixels, geometry = prepare(decode_for_model(item.path.read_bytes(), self.spec), self.spec)
         # PIL's arrays are read-only, which torch tensors cannot express.
         example = torch.from_numpy(pixels.copy()), self.target(item, geometry)
         if self.cache is not None:
@@ -145,13 +145,7 @@ def make_loaders(
 
 def _geometry(item: Item, spec: InputSpec) -> Geometry:
     """The geometry ``prepare`` gives this item, from its header alone (no full decode)."""
-    with Image.open(item.path) as image:
-        width, height = image.size
-        # EXIF orientations 5..8 turn the picture a quarter: load_image swaps its sides.
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-            width, height = height, width
-    # prepare's geometry depends only on the size, so a blank image of that size gives it.
-    return prepare(Image.new("L", (width, height)), spec)[1]
+    return input_geometry(item.path.read_bytes(), spec)
 
 
 def _as_tuple(target: int | tuple[int, ...] | tuple[float, ...]) -> tuple[int | float, ...]:

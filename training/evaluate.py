@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from visionrpc.protos import task_from_proto
+
 if TYPE_CHECKING:
     import grpc
 
@@ -111,7 +113,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
         print("visionrpc evaluate: --batch-size and --in-flight must be >= 1", file=sys.stderr)
         return 2
     with grpc.insecure_channel(args.server) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         try:
             info = stub.GetModelInfo(
                 pb.GetModelInfoRequest(model=args.model, version=args.version),
@@ -145,7 +147,7 @@ def _evaluate_command(args: argparse.Namespace) -> int:
 
 
 def evaluate_served(
-    stub: pb_grpc.InferenceStub,
+    stub: pb_grpc.InferenceServiceStub,
     info: pb.ModelInfo,
     dataset: Dataset,
     *,
@@ -171,7 +173,7 @@ def evaluate_served(
             answers[index] = _answer(result)
     scored = sorted(answers)
     metrics = score(
-        info.task,
+        task_from_proto(info.task),
         dataset,
         [dataset.valid[i] for i in scored],
         [answers[i] for i in scored],
@@ -210,12 +212,13 @@ def score(
 
 def report(info: pb.ModelInfo, dataset: Dataset, runs: Sequence[EvaluationRun]) -> str:
     """A small table: one row per run, then training's own figure when it recorded one."""
-    metric = METRIC_OF_TASK[info.task]
+    task = task_from_proto(info.task)
+    metric = METRIC_OF_TASK[task]
     lines = [
-        f"model {info.name} version {info.version} ({info.task}) on the {dataset.kind} "
+        f"model {info.name} version {info.version} ({task}) on the {dataset.kind} "
         f"validation split of {dataset.root}: {len(dataset.valid)} images",
     ]
-    if info.task == "multilabel":
+    if task_from_proto(info.task) == "multilabel":
         per_class = ", ".join(f"{k}={v:.3g}" for k, v in sorted(info.class_thresholds.items()))
         lines.append(
             f"served thresholds: {info.threshold:.3g}" + (f" ({per_class})" if per_class else "")
@@ -233,7 +236,7 @@ def report(info: pb.ModelInfo, dataset: Dataset, runs: Sequence[EvaluationRun]) 
 
 
 def _predict_all(
-    stub: pb_grpc.InferenceStub,
+    stub: pb_grpc.InferenceServiceStub,
     info: pb.ModelInfo,
     items: Sequence[Item],
     tta: bool,
@@ -247,7 +250,7 @@ def _predict_all(
     # Multilabel asks for nothing extra: the served labels already carry the served
     # thresholds' decisions, which is what accuracy_multi scores.
     options = pb.PredictionOptions(tta=tta)
-    if info.task == "classification":
+    if task_from_proto(info.task) == "classification":
         options.top_k = 1
     pending: deque[tuple[int, grpc.Future[pb.PredictResponse]]] = deque()
     for first in range(0, len(items), batch_size):
@@ -279,19 +282,19 @@ def _answer(result: pb.ImageResult) -> ServedAnswer:
 
 
 def _check_fit(info: pb.ModelInfo, dataset: Dataset) -> None:
-    if info.task != dataset.task:
+    task = task_from_proto(info.task)
+    if task != dataset.task:
         raise EvaluationError(
-            f"model {info.name} is a {info.task} model; "
-            f"the {dataset.kind} dataset is {dataset.task}"
+            f"model {info.name} is a {task} model; the {dataset.kind} dataset is {dataset.task}"
         )
-    if info.task != "points" and set(info.labels) != set(dataset.vocab):
+    if task != "points" and set(info.labels) != set(dataset.vocab):
         missing = sorted(set(dataset.vocab) - set(info.labels))
         extra = sorted(set(info.labels) - set(dataset.vocab))
         raise EvaluationError(
             f"model {info.name}'s labels differ from the dataset's: "
             f"missing {missing or 'none'}, not in the dataset {extra or 'none'}"
         )
-    if info.task == "points" and len(info.labels) != len(_pairs(dataset.valid[0])):
+    if task == "points" and len(info.labels) != len(_pairs(dataset.valid[0])):
         raise EvaluationError(
             f"model {info.name} predicts {len(info.labels)} point(s); "
             f"the dataset has {len(_pairs(dataset.valid[0]))}"
@@ -301,7 +304,7 @@ def _check_fit(info: pb.ModelInfo, dataset: Dataset) -> None:
 def _dataset_kind(info: pb.ModelInfo) -> str:
     # Training records the dataset as "<kind>:<folder>".
     kind = info.dataset.split(":", 1)[0]
-    return kind if kind in KINDS else KIND_OF_TASK[info.task]
+    return kind if kind in KINDS else KIND_OF_TASK[task_from_proto(info.task)]
 
 
 def _reader_options(kind: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     from visionrpc.server import cli as server_cli
     from visionrpc.training import cli as training_cli
     from visionrpc.training import evaluate as evaluate_cli
+    from visionrpc.training import quantize as quantize_cli
 
     parser = argparse.ArgumentParser(prog="visionrpc", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"visionrpc {__version__}")
@@ -28,10 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(subcommands)
     client_cli.register(subcommands)
     evaluate_cli.register(subcommands)
+    quantize_cli.register(subcommands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from visionrpc.client import cli as client_cli
+
+    # Before build_parser: registering the commands may load gRPC, which reads its
+    # log settings once, on import.
+    client_cli.quiet_transport_logs(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

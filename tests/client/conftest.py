@@ -34,6 +34,7 @@ def write_test_models(repository: Path) -> Path:
         ("red", "green", "blue"),
         8,
         tta={"enabled": False, "views": COLORS_TTA_VIEWS},
+        version_policy={"all": {}},
     )
     write_model(repository, newest, channel_mean_graph(NEWEST_TEMPERATURE, 8, softmax=True))
     write_channel_mean_multilabel(repository, threshold=0.5)

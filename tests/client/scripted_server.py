@@ -51,7 +51,7 @@ class PredictScript:
 async def scripted_server(script: PredictScript) -> AsyncIterator[str]:
     """A gRPC server in the current loop whose Predict follows ``script``; yields its address."""
     handler = grpc.method_handlers_generic_handler(
-        "visionrpc.v1.Inference",
+        "visionrpc.v1.InferenceService",
         {
             "Predict": grpc.unary_unary_rpc_method_handler(
                 script.predict,
@@ -106,7 +106,7 @@ async def inference_server(
     )
     servicer = InferenceServicer(pipeline, app_server.repository, stream_max_in_flight=8)
     server = grpc.aio.server(interceptors=interceptors)
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:

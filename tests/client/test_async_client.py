@@ -93,10 +93,13 @@ async def test_predict_many_with_unknown_model_raises_not_found(client: AsyncCli
         await client.predict_many("nope", random_images(4), batch_size=2)
 
 
-async def test_predict_many_stops_on_an_unreadable_file(client: AsyncClient) -> None:
+async def test_predict_many_gives_an_unreadable_file_its_own_error(client: AsyncClient) -> None:
     images: list[ImageInput] = [*random_images(6), "/nonexistent/image.png", *random_images(6)]
-    with pytest.raises(FileNotFoundError):
-        await client.predict_many("colors", images, batch_size=2, max_in_flight=2)
+    results = await client.predict_many("colors", images, batch_size=2, max_in_flight=2)
+    assert [isinstance(result, ImageError) for result in results] == [i == 6 for i in range(13)]
+    missing = results[6]
+    assert isinstance(missing, ImageError)
+    assert missing.message.startswith("image 6 (/nonexistent/image.png): cannot read the file")
 
 
 async def test_predict_many_raise_on_error(client: AsyncClient) -> None:

@@ -84,7 +84,10 @@ def test_predict_prints_a_table_of_folder_images(server: RunningServer, folder: 
     expected = channel_mean_scores(np.stack([solid(rgb) for rgb in COLOURS.values()]), 2.0)
     for row, name, scores in zip(rows, COLOURS, expected, strict=True):
         assert row.split()[1:] == [name, f"{scores.max():.3f}"]
-    assert done.stderr == ""
+    assert done.stderr == (
+        "visionrpc predict: skipped 1 files not in a format the server accepts: "
+        f"{folder / 'notes.txt'}\n"
+    )
 
 
 def test_predict_json_lines(server: RunningServer, folder: Path) -> None:
@@ -161,7 +164,11 @@ def test_a_broken_image_exits_1_and_reports_it(
     )
     assert done.returncode == 1
     assert "ERROR INVALID_ARGUMENT" in done.stdout.splitlines()[2]
-    assert done.stderr.strip() == "visionrpc predict: 1 of 2 images failed"
+    assert done.stderr.splitlines() == [
+        f"visionrpc predict: INVALID_ARGUMENT: image 1 ({broken}): the PNG data cannot be "
+        "decoded (Truncated File Read); the file may be truncated or damaged",
+        "visionrpc predict: 1 of 2 images failed",
+    ]
 
 
 @pytest.mark.parametrize(

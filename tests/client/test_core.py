@@ -8,6 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tests.helpers.tls import Certificates
 from visionrpc.client import (
     Classification,
     HealthStatus,
@@ -23,9 +24,11 @@ from visionrpc.client import (
 from visionrpc.client._core import (
     BatchPlan,
     PredictCall,
+    checked_metadata,
     decode_response,
     health_request_bytes,
     health_status_from_bytes,
+    model_version,
     prediction_options,
     stream_timeout,
 )
@@ -71,12 +74,12 @@ def test_unset_options_stay_unset_so_model_defaults_apply() -> None:
 
 def test_given_options_are_all_set_including_falsy_values() -> None:
     options = prediction_options(
-        top_k=0,
+        top_k=1,
         threshold=0.0,
         thresholds={"cat": 0.25},
         min_confidence=0.0,
         tta=False,
-        tta_views=0,
+        tta_views=1,
         all_scores=True,
     )
     for field in ("top_k", "threshold", "min_confidence", "tta", "tta_views"):
@@ -97,10 +100,10 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
                 tta_views=3,
             ),
             pb.ImageResult(points=pb.Points(points=[pb.Point(name="c", x=1.5, y=2.5)])),
-            pb.ImageResult(error=pb.Status(code=3, message="not an image")),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="not an image")),
         ],
     )
-    first, second, third, fourth = decode_response(response, 10, raise_on_error=False)
+    first, second, third, fourth = decode_response(response, 10)
     assert isinstance(first, Classification)
     assert (first.label, first.model, first.version) == ("cat", "m", "3")
     assert (first.original_width, first.original_height) == (4, 3)
@@ -110,18 +113,22 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
     assert isinstance(third, Points)
     assert (third.points[0].x, third.points[0].y) == (1.5, 2.5)
     assert isinstance(fourth, ImageError)
-    assert (fourth.code, fourth.message, fourth.index) == ("INVALID_ARGUMENT", "not an image", 13)
+    assert (fourth.code, fourth.index) == ("INVALID_ARGUMENT", 13)
+    assert fourth.message == "image 13: not an image"
 
 
-def test_an_image_error_raises_with_its_index_when_asked() -> None:
-    response = pb.PredictResponse(
-        results=[classification("cat"), pb.ImageResult(error=pb.Status(code=3, message="bad"))]
-    )
+def test_an_image_error_raises_once_with_the_callers_index_when_asked() -> None:
+    plan = BatchPlan(call(raise_on_error=True), [b"a", b"b", b"c"], 2, None)
+    assert len(list(plan.requests())) == 2
+    plan.accept(pb.PredictResponse(request_id="0", results=[classification("a")] * 2))
+    # The server numbers images within its request: "image 0" is the caller's image 2.
+    bad = pb.ImageResult(error=pb.ErrorStatus(code=3, message="image 0: bad"))
+    plan.accept(pb.PredictResponse(request_id="1", results=[bad]))
     with pytest.raises(InvalidInputError) as caught:
-        decode_response(response, 0, raise_on_error=True)
-    assert caught.value.index == 1
+        plan.results()
+    assert caught.value.index == 2
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "bad" in str(caught.value)
+    assert str(caught.value) == "INVALID_ARGUMENT: image 2: bad"
 
 
 def test_results_are_json_serialisable_and_readable() -> None:
@@ -130,17 +137,17 @@ def test_results_are_json_serialisable_and_readable() -> None:
         version="1",
         results=[
             classification("beagle"),
-            pb.ImageResult(error=pb.Status(code=3, message="truncated")),
+            pb.ImageResult(error=pb.ErrorStatus(code=3, message="truncated")),
         ],
     )
-    result, error = decode_response(response, 0, raise_on_error=False)
+    result, error = decode_response(response, 0)
     data = json.loads(json.dumps(result.to_dict()))
     assert data["type"] == "Classification"
     assert data["top"] == [{"label": "beagle", "score": 0.5, "threshold": 0.0}]
     assert "beagle 0.500" in str(result)
     assert "pets v1" in str(result)
     assert json.loads(json.dumps(error.to_dict()))["code"] == "INVALID_ARGUMENT"
-    assert str(error) == "error INVALID_ARGUMENT: truncated"
+    assert str(error) == "error INVALID_ARGUMENT: image 1: truncated"
 
 
 def test_below_min_confidence_means_no_label() -> None:
@@ -155,7 +162,7 @@ def test_below_min_confidence_means_no_label() -> None:
             )
         ]
     )
-    (result,) = decode_response(response, 0, raise_on_error=False)
+    (result,) = decode_response(response, 0)
     assert isinstance(result, Classification)
     assert result.label is None
     assert result.score == pytest.approx(0.4)
@@ -189,7 +196,7 @@ def test_batch_plan_raises_the_error_of_a_failed_streamed_request() -> None:
     (request,) = plan.requests()
     failed = pb.PredictResponse(
         request_id=request.request_id,
-        error=pb.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
+        error=pb.ErrorStatus(code=grpc.StatusCode.NOT_FOUND.value[0], message="no model named 'm'"),
     )
     with pytest.raises(ModelNotFoundError, match="no model named"):
         plan.accept(failed)
@@ -224,7 +231,7 @@ def test_service_config_retries_only_unavailable_and_overloaded() -> None:
     config = json.loads(service_config(policy, "round_robin"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert {"service": "visionrpc.v1.Inference"} in method["name"]
+    assert {"service": "visionrpc.v1.InferenceService"} in method["name"]
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.1s",
@@ -261,13 +268,93 @@ def test_retry_policies_grpc_would_reject_are_refused(arguments: dict[str, float
         RetryPolicy(**arguments)  # type: ignore[arg-type]
 
 
-def test_client_certificate_without_key_is_refused() -> None:
-    with pytest.raises(ValueError, match="go together"):
-        TLSConfig(certificate_chain=b"pem")
+def test_client_certificate_without_key_is_refused(pki: Certificates) -> None:
+    with pytest.raises(InvalidInputError, match="go together"):
+        TLSConfig(certificate_chain=pki.client.certificate)
 
 
-def test_a_request_over_the_message_limit_is_refused_before_sending() -> None:
-    plan = BatchPlan(call(), [b"x" * 600, b"y" * 600, b"z" * 10], 2, None)
-    requests = plan.requests()
-    with pytest.raises(InvalidInputError, match="over max_message_bytes=1000"):
-        next(requests)
+@pytest.mark.parametrize("field", ["root_certificates", "certificate_chain", "private_key"])
+def test_tls_files_that_are_not_pem_are_refused_naming_the_field(
+    field: str, pki: Certificates
+) -> None:
+    good: dict[str, bytes | None] = {
+        "root_certificates": pki.ca.certificate,
+        "certificate_chain": pki.client.certificate,
+        "private_key": pki.client.private_key,
+    }
+    with pytest.raises(InvalidInputError, match=f"TLS: {field} is not a PEM"):
+        TLSConfig(**{**good, field: b"\x30\x82\x01\x0a DER bytes"})  # type: ignore[arg-type]
+
+
+def test_an_image_over_the_message_limit_fails_alone_and_big_groups_are_split() -> None:
+    images = [b"x" * 1200, b"y" * 600, b"z" * 600, b"w" * 10]
+    plan = BatchPlan(call(), images, 4, None)
+    requests = list(plan.requests())
+    # 1000 bytes hold "y" or "z" with "w", not both: three images in two requests.
+    assert [[image.encoded[:1] for image in r.images] for r in requests] == [
+        [b"y"],
+        [b"z", b"w"],
+    ]
+    for request in requests:
+        plan.accept(
+            pb.PredictResponse(
+                request_id=request.request_id,
+                results=[classification("ok") for _ in request.images],
+            )
+        )
+    too_big, *answered = plan.results()
+    assert isinstance(too_big, ImageError)
+    assert too_big.index == 0
+    assert "over max_message_bytes=1000" in too_big.message
+    assert all(isinstance(result, Classification) for result in answered)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"top_k": -1}, "top_k must be between 1"),
+        ({"top_k": 10**10}, "top_k must be between 1"),
+        ({"top_k": 2.5}, "top_k must be a whole number"),
+        ({"top_k": True}, "top_k must be a whole number"),
+        ({"tta_views": -1}, "tta_views must be between 1"),
+        ({"tta_views": "flip"}, "tta_views must be a whole number"),
+        ({"threshold": 1.5}, "threshold must be in"),
+        ({"threshold": float("nan")}, "threshold must be in"),
+        ({"threshold": "0.5"}, "threshold must be a number"),
+        ({"min_confidence": -0.1}, "min_confidence must be in"),
+        ({"thresholds": {"cat": 2}}, r"thresholds\['cat'\] must be in"),
+        ({"thresholds": {1: 0.5}}, "labels must be str"),
+        ({"tta": 1}, "tta must be True or False"),
+        ({"all_scores": "yes"}, "all_scores must be True or False"),
+    ],
+)
+def test_bad_option_values_and_types_are_invalid_input_naming_the_option(
+    options: dict[str, object], named: str
+) -> None:
+    arguments: dict[str, object] = {
+        "top_k": None,
+        "threshold": None,
+        "thresholds": None,
+        "min_confidence": None,
+        "tta": None,
+        "tta_views": None,
+        "all_scores": False,
+    }
+    with pytest.raises(InvalidInputError, match=named):
+        prediction_options(**{**arguments, **options})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("version", [0, -1, "v2", "latest", 1.0, True])
+def test_a_version_that_is_no_version_number_is_invalid_input(version: object) -> None:
+    with pytest.raises(InvalidInputError, match="version must be a version number"):
+        model_version(version)  # type: ignore[arg-type]
+
+
+def test_versions_may_be_given_as_numbers() -> None:
+    assert (model_version(None), model_version(3), model_version("12")) == ("", "3", "12")
+
+
+def test_metadata_over_the_servers_header_limit_is_refused_before_sending() -> None:
+    checked_metadata((("x-small", "a" * 100),))
+    with pytest.raises(InvalidInputError, match="metadata is 20"):
+        checked_metadata((("x-big", "a" * 20_000),))

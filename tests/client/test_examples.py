@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from tests.helpers.onnx_models import (
     write_channel_mean_classifier,
     write_channel_mean_multilabel,
 )
-from tests.helpers.server import RunningServer, server_in_thread
+from tests.helpers.server import RunningServer, free_port, server_in_thread
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -34,25 +35,50 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
         yield running
 
 
-def run_example(name: str, *args: str) -> str:
-    done = subprocess.run(
+def example(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, str(EXAMPLES / name), *args],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def run_example(name: str, *args: str) -> str:
+    done = example(name, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
 
-def test_classify_pets(demo_server: RunningServer, tmp_path: Path) -> None:
+def test_classify_pets_reports_a_broken_photo_and_exits_1(
+    demo_server: RunningServer, tmp_path: Path
+) -> None:
     Image.fromarray(solid((10, 240, 10))).save(tmp_path / "dog.png")
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    out = run_example("classify_pets.py", str(tmp_path), "--server", demo_server.address)
-    lines = out.splitlines()
+    done = example("classify_pets.py", str(tmp_path), "--server", demo_server.address)
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
     assert lines[0].startswith("pets v1: 3 breeds")
-    assert lines[1].startswith(f"{tmp_path / 'broken.png'}: could not be classified")
-    assert lines[2].startswith(f"{tmp_path / 'dog.png'}: beagle  [beagle ")
+    assert lines[1].startswith(f"{tmp_path / 'dog.png'}: beagle  [beagle ")
+    assert done.stderr.startswith(f"{tmp_path / 'broken.png'}: could not be classified: image 0")
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["classify_pets.py", "multilabel_voc.py", "head_points_biwi.py"])
+def test_examples_say_in_one_line_that_the_server_is_down(name: str, tmp_path: Path) -> None:
+    image = tmp_path / "photo.png"
+    Image.fromarray(solid((10, 240, 10))).save(image)
+    address = f"127.0.0.1:{free_port()}"
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), str(image)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "VISIONRPC_SERVER": address, "GRPC_VERBOSITY": "NONE"},
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"{name.removesuffix('.py')}: UNAVAILABLE")
 
 
 def test_multilabel_voc(demo_server: RunningServer, tmp_path: Path) -> None:

@@ -76,10 +76,10 @@ def test_grey_inputs_become_three_equal_channels(client: Client) -> None:
     assert_scores_of(client, Image.fromarray(grey), as_rgb)
 
 
-def test_a_palette_image_is_sent_as_lossless_png(client: Client) -> None:
+def test_a_palette_image_without_transparency_is_sent_as_its_rgb_pixels(client: Client) -> None:
     palette = Image.fromarray(PIXELS).quantize(colors=16)
     message = to_proto_image(palette)
-    assert message.WhichOneof("data") == "encoded"
+    assert (message.WhichOneof("data"), message.raw.channels) == ("raw", 3)
     assert_scores_of(client, palette, np.asarray(palette.convert("RGB")))
 
 
@@ -110,7 +110,8 @@ def test_pil_exif_orientation_is_applied_before_sending() -> None:
         (np.zeros((8, 8, 3), dtype=np.float32), "must be uint8"),
         (np.zeros((8, 8, 2), dtype=np.uint8), "HxWx3"),
         (np.zeros((2, 8, 8, 3), dtype=np.uint8), "HxWx3"),
-        (b"", "empty image"),
+        (b"", "the image data is empty"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), "HxWx3"),
         (io.StringIO("text"), "binary mode"),
         (12345, "unsupported image type int"),
     ],
@@ -120,6 +121,6 @@ def test_unusable_inputs_are_refused_before_any_call(image: Any, reason: str) ->
         to_proto_image(image)
 
 
-def test_a_missing_path_raises_file_not_found(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError):
+def test_a_missing_path_is_invalid_input_saying_why(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="cannot read the file: No such file"):
         to_proto_image(tmp_path / "missing.png")

@@ -221,9 +221,17 @@ def test_predict_many_of_nothing_is_empty(client: Client) -> None:
     assert client.predict_many("colors", []) == []
 
 
-def test_predict_many_reports_an_unreadable_file(client: Client) -> None:
-    with pytest.raises(FileNotFoundError):
-        client.predict_many("colors", [*random_images(5), "/nonexistent/image.png"], batch_size=2)
+def test_predict_many_gives_an_unreadable_file_its_own_error(client: Client) -> None:
+    results = client.predict_many(
+        "colors", [*random_images(5), "/nonexistent/image.png"], batch_size=2
+    )
+    *answered, missing = results
+    assert all(isinstance(result, Classification) for result in answered)
+    assert isinstance(missing, ImageError)
+    assert (missing.index, missing.code) == (5, "INVALID_ARGUMENT")
+    assert missing.message == (
+        "image 5 (/nonexistent/image.png): cannot read the file: No such file or directory"
+    )
 
 
 def test_models_lists_every_model_with_versions(client: Client) -> None:
@@ -264,5 +272,8 @@ def test_channel_settings_are_accepted_and_the_message_limit_holds(
         server.address, load_balancing="round_robin", keepalive_seconds=30, max_message_bytes=8000
     ) as tuned:
         assert as_classification(tuned.predict("colors", solid((255, 0, 0)))).label == "red"
+        too_big = tuned.predict("colors", np.zeros((64, 64, 3), dtype=np.uint8))
+        assert isinstance(too_big, ImageError)
+        assert "over max_message_bytes=8000" in too_big.message
         with pytest.raises(InvalidInputError, match="over max_message_bytes=8000"):
-            tuned.predict("colors", np.zeros((64, 64, 3), dtype=np.uint8))
+            tuned.predict("colors", np.zeros((64, 64, 3), dtype=np.uint8), raise_on_error=True)

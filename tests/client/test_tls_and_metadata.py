@@ -142,7 +142,15 @@ async def test_client_and_call_metadata_reach_every_method(app: RunningServer) -
         with Client(f"127.0.0.1:{port}", metadata=token) as sync_client:
             await asyncio.to_thread(sync_client.models)
     methods = [method.rsplit("/", 1)[1] for method, _ in recorder.calls]
-    assert methods == ["Predict", "PredictStream", "ListModels", "GetModelInfo", "ListModels"]
+    # predict_many of several images first asks for the model's max images per request.
+    assert methods == [
+        "Predict",
+        "GetModelInfo",
+        "PredictStream",
+        "ListModels",
+        "GetModelInfo",
+        "ListModels",
+    ]
     for _, metadata in recorder.calls:
         assert metadata["authorization"] == "Bearer secret-token"
     assert recorder.calls[0][1]["x-request-tag"] == "one"

@@ -30,13 +30,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 async def stub(
     repository: Path, caplog: pytest.LogCaptureFixture
-) -> AsyncIterator[pb_grpc.InferenceAsyncStub]:
+) -> AsyncIterator[pb_grpc.InferenceServiceAsyncStub]:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
     async with (
         running_server(repository) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        yield pb_grpc.InferenceStub(channel)
+        yield pb_grpc.InferenceServiceStub(channel)
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
@@ -49,7 +49,7 @@ def access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
 
 
 async def test_a_request_logs_one_line_and_echoes_the_callers_id(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     call = stub.Predict(encoded_request("colors", RED, RED), metadata=((REQUEST_ID, "abc-123"),))
     await call
@@ -64,7 +64,7 @@ async def test_a_request_logs_one_line_and_echoes_the_callers_id(
 
 
 async def test_a_failed_request_logs_its_status_and_still_echoes_the_id(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Predict(encoded_request("nope", RED), metadata=((REQUEST_ID, "req-9"),))
@@ -77,7 +77,7 @@ async def test_a_failed_request_logs_its_status_and_still_echoes_the_id(
 
 
 async def test_without_an_id_the_server_makes_one_and_sends_it_back(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     call = stub.Predict(encoded_request("colors", RED))
     await call
@@ -87,7 +87,7 @@ async def test_without_an_id_the_server_makes_one_and_sends_it_back(
 
 
 async def test_a_stream_logs_each_request_under_the_streams_id(
-    stub: pb_grpc.InferenceAsyncStub, caplog: pytest.LogCaptureFixture
+    stub: pb_grpc.InferenceServiceAsyncStub, caplog: pytest.LogCaptureFixture
 ) -> None:
     requests = [encoded_request("colors", RED, request_id=str(n)) for n in range(3)]
     call = stub.PredictStream(iter(requests), metadata=((REQUEST_ID, "stream-1"),))

@@ -119,9 +119,9 @@ def test_health_answers_not_serving_while_models_load_then_serving(
     processes.append(serve)
     with grpc.insecure_channel(serve.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         assert first_health_answer(health, "") == NOT_SERVING
-        for service in ("visionrpc.v1.Inference", "colors", "slow"):
+        for service in ("visionrpc.v1.InferenceService", "colors", "slow"):
             check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert check.status == NOT_SERVING, service
         with pytest.raises(grpc.RpcError) as loading:
@@ -130,7 +130,7 @@ def test_health_answers_not_serving_while_models_load_then_serving(
         assert "loading" in str(loading.value.details())
         assert serve.metric('visionrpc_model_info{model="slow"') is None
         wait_for_status(health, "", SERVING)
-        for service in ("visionrpc.v1.Inference", "colors", "slow"):
+        for service in ("visionrpc.v1.InferenceService", "colors", "slow"):
             check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert check.status == SERVING, service
         response = stub.Predict(encoded_request("colors", RED), timeout=30)
@@ -162,7 +162,7 @@ def test_sigterm_turns_health_not_serving_while_the_call_in_flight_completes(
     call_done = threading.Event()
     with grpc.insecure_channel(serve.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         first_health_answer(health, "")
         wait_for_status(health, "", SERVING)
         watch = health.Watch(health_pb2.HealthCheckRequest(service="colors"))

@@ -36,7 +36,7 @@ GARBAGE = b"these bytes are not an image"
 PATIENT_DELAY_MS = 1000
 
 # The async stub type exists only in the generated .pyi, hence the quotes.
-Served = tuple[RunningServer, "pb_grpc.InferenceAsyncStub"]
+Served = tuple[RunningServer, "pb_grpc.InferenceServiceAsyncStub"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ async def served(repository: Path) -> AsyncIterator[Served]:
         running_server(repository, metrics=True) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        yield server, pb_grpc.InferenceStub(channel)
+        yield server, pb_grpc.InferenceServiceStub(channel)
 
 
 def reader(server: RunningServer) -> Callable[..., float | None]:

@@ -24,7 +24,7 @@ GREY = png(solid(128, 128, 128))
 BLACK = png(solid(0, 0, 0))
 
 
-def send_known_traffic(stub: pb_grpc.InferenceStub) -> None:
+def send_known_traffic(stub: pb_grpc.InferenceServiceStub) -> None:
     for _ in range(5):
         stub.Predict(encoded_request("colors", RED, GREY), timeout=30)
     stub.Predict(encoded_request("colors", RED, b"not an image"), timeout=30)
@@ -45,7 +45,7 @@ def test_prometheus_stores_exactly_the_traffic_sent_through_grpc(tmp_path: Path)
     write_corrupt_onnx(root, config_dict("broken", "classification", ("a", "b", "c"), 8))
     with server_in_thread(root, metrics=True) as server:
         with grpc.insecure_channel(server.address) as channel:
-            send_known_traffic(pb_grpc.InferenceStub(channel))
+            send_known_traffic(pb_grpc.InferenceServiceStub(channel))
         target = f"127.0.0.1:{server.metrics_port}"
         with PrometheusServer(targets=[target]) as prometheus:
             prometheus.wait_for(f'up{{job="{SCRAPE_JOB}"}}', lambda up: up == 1.0)

@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from visionrpc.protos import generate, inference_pb2
+import pytest
+
+from visionrpc.protos import generate, inference_pb2, task_from_proto, task_to_proto
 
 PROTO_ROOT = Path(generate.__file__).resolve().parent
 
@@ -47,3 +49,30 @@ def test_client_side_imports_need_only_grpc_and_protobuf() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "visionrpc.v1"
+
+
+@pytest.mark.parametrize(
+    ("task", "value"),
+    [
+        ("classification", inference_pb2.MODEL_TASK_CLASSIFICATION),
+        ("multilabel", inference_pb2.MODEL_TASK_MULTILABEL),
+        ("points", inference_pb2.MODEL_TASK_POINTS),
+    ],
+)
+def test_task_names_map_to_the_model_task_enum_and_back(task: str, value: int) -> None:
+    assert task_to_proto(task) == value
+    assert task_from_proto(value) == task
+
+
+def test_a_task_the_api_does_not_know_is_refused_on_the_way_out() -> None:
+    with pytest.raises(ValueError, match="segmentation"):
+        task_to_proto("segmentation")
+
+
+def test_an_enum_value_from_a_newer_server_reads_as_unknown() -> None:
+    # proto3 enums are open: the value survives the wire and must not break decoding.
+    summary = inference_pb2.ModelSummary.FromString(
+        inference_pb2.ModelSummary(name="m", task=42).SerializeToString()  # type: ignore[arg-type]
+    )
+    assert summary.task == 42
+    assert task_from_proto(summary.task) == "unknown"

@@ -155,7 +155,7 @@ def test_gif_gives_its_first_frame() -> None:
 def test_truncated_files_are_invalid_input(image_format: str) -> None:
     whole = images.encode(images.noisy(64, 64), image_format)
     load_image(whole)
-    with pytest.raises(InvalidInput, match="not a decodable image"):
+    with pytest.raises(InvalidInput, match=f"the {image_format} data cannot be decoded"):
         load_image(images.truncated(whole))
 
 
@@ -163,15 +163,25 @@ def test_truncated_files_are_invalid_input(image_format: str) -> None:
     ("data", "message"),
     [
         (b"", "the image is empty"),
-        (b"GIF89a but not really an image" * 4, "not a decodable image"),
-        (b"{'json': 'is not an image'}", "not a decodable image"),
-        (images.encode(Image.new("RGB", (8, 8)), "TIFF"), "not a decodable image"),
+        (b"GIF89a but not really an image" * 4, "the GIF data cannot be decoded"),
+        (b"{'json': 'is not an image'}", "none detected"),
+        (bytes(range(256)) * 4, "none detected"),
+        (images.encode(Image.new("RGB", (8, 8)), "TIFF"), "unsupported image format TIFF"),
+        (images.encode(Image.new("RGB", (16, 16)), "ICO"), "unsupported image format ICO"),
+        (images.encode(Image.new("RGB", (8, 8)), "PDF"), "unsupported image format PDF"),
+        (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "format SVG"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "format HEIC"),
     ],
-    ids=["empty", "gif-magic-garbage", "text", "tiff-not-accepted"],
+    ids=["empty", "gif-magic-garbage", "text", "random", "tiff", "ico", "pdf", "svg", "heic"],
 )
-def test_undecodable_bytes_are_invalid_input(data: bytes, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
+def test_unusable_bytes_say_what_they_are_and_what_is_accepted(data: bytes, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message) as caught:
         load_image(data)
+    assert " at 0x" not in caught.value.message
+    if data:
+        assert "accepted formats: JPEG, MPO, PNG, WEBP, BMP, GIF" in caught.value.message or (
+            "cannot be decoded" in caught.value.message
+        )
 
 
 def test_pixel_limit_refuses_before_decoding() -> None:

@@ -75,8 +75,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield server
 
 
-def stub_and_info(channel: grpc.Channel, model: str) -> tuple[pb_grpc.InferenceStub, pb.ModelInfo]:
-    stub = pb_grpc.InferenceStub(channel)
+def stub_and_info(
+    channel: grpc.Channel, model: str
+) -> tuple[pb_grpc.InferenceServiceStub, pb.ModelInfo]:
+    stub = pb_grpc.InferenceServiceStub(channel)
     return stub, stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=30)
 
 

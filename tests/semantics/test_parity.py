@@ -2,7 +2,8 @@
 
 Tiny models are trained on synthetic data (a few seconds each on a CPU); the offline
 answer is training's validation path, the PyTorch serving model on
-``prepare(load_image(bytes))``, and the served one comes through a real server.
+``prepare(decode_for_model(bytes, spec), spec)``, and the served one comes through a
+real server. Phone-sized JPEGs, which both decode at a reduced scale, are among the files.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from visionrpc.server.model_config import (
     load_model_config,
     write_repository_entry,
 )
-from visionrpc.server.preprocess import Geometry, load_image, prepare
+from visionrpc.server.preprocess import Geometry, decode_for_model, prepare
 from visionrpc.training.datasets import Dataset, read_dataset
 from visionrpc.training.evaluate import evaluate_served, register
 from visionrpc.training.export import serving_model
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.slow
 
 SCORE_TOLERANCE = 1e-4
 POINT_TOLERANCE_PX = 0.5
+# A phone photo's size: the 32x32 models make it decode at 1/8 scale.
+PHOTO_SIZE = (4000, 3000)
 SYNTHETIC_SIZES = {
     "pets": {"breeds": 3, "per_breed": 8},
     "voc": {"images": 24},
@@ -60,7 +63,7 @@ class Trained:
 @dataclass(frozen=True)
 class Served:
     address: str
-    stub: pb_grpc.InferenceStub
+    stub: pb_grpc.InferenceServiceStub
     models: dict[str, Trained]
 
 
@@ -105,12 +108,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server_in_thread(repository) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
-        yield Served(server.address, pb_grpc.InferenceStub(channel), models)
+        yield Served(server.address, pb_grpc.InferenceServiceStub(channel), models)
 
 
 def offline(trained: Trained, data: bytes) -> tuple[np.ndarray, Geometry]:
     """Training's validation path for one file: its scores (or points) and geometry."""
-    pixels, geometry = prepare(load_image(data), trained.config.input)
+    spec = trained.config.input
+    pixels, geometry = prepare(decode_for_model(data, spec), spec)
     with torch.no_grad():
         outputs = trained.serving(torch.from_numpy(pixels.copy())[None]).numpy()[0]
     return outputs, geometry
@@ -129,12 +133,24 @@ def served_results(served: Served, model: str, files: list[bytes]) -> list[pb.Im
 
 
 def odd_files(trained: Trained) -> dict[str, bytes]:
-    """Two validation images in every awkward encoding."""
+    """Two validation images in every awkward encoding, and one blown up to a phone photo."""
     files: dict[str, bytes] = {}
     for item in trained.dataset.valid[:2]:
         with Image.open(item.path) as picture:
             for name, data in images.odd_encodings(picture).items():
                 files[f"{item.path.name}:{name}"] = data
+    with Image.open(trained.dataset.valid[0].path) as picture:
+        photo = picture.convert("RGB").resize(PHOTO_SIZE, Image.Resampling.BICUBIC)
+    large = {
+        "large-jpeg": images.encode(photo, "JPEG", quality=90),
+        "large-jpeg-exif-rotated": images.exif_jpeg(photo, 6),
+        "large-jpeg-progressive": images.progressive_jpeg(photo),
+        "large-jpeg-cmyk": images.encode(photo.convert("CMYK"), "JPEG", quality=90),
+    }
+    for name, data in large.items():
+        # Parity must hold where the reduced-scale decode is in play, not beside it.
+        assert decode_for_model(data, trained.config.input).scale == 8, name
+        files[name] = data
     return files
 
 

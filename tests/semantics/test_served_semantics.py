@@ -41,7 +41,7 @@ LN3 = math.log(3.0)
 
 @dataclass(frozen=True)
 class Served:
-    stub: pb_grpc.InferenceStub
+    stub: pb_grpc.InferenceServiceStub
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         server_in_thread(Path(repository)) as server,
         grpc.insecure_channel(server.address) as channel,
     ):
-        yield Served(pb_grpc.InferenceStub(channel))
+        yield Served(pb_grpc.InferenceServiceStub(channel))
 
 
 def predict(served: Served, model: str, image: pb.Image, **options: Any) -> pb.ImageResult:
@@ -278,7 +278,7 @@ def test_bad_options_are_invalid_argument_naming_the_field(
 
 def test_model_info_shows_the_multilabel_defaults(served: Served) -> None:
     info = served.stub.GetModelInfo(pb.GetModelInfoRequest(model="channels"), timeout=30)
-    assert info.task == "multilabel"
+    assert info.task == pb.MODEL_TASK_MULTILABEL
     assert list(info.labels) == ["red", "green", "blue"]
     assert info.threshold == pytest.approx(0.5)
     assert dict(info.class_thresholds) == {"green": pytest.approx(0.39)}

@@ -45,7 +45,7 @@ async def test_more_images_than_the_limit_is_invalid_argument_naming_it(tmp_path
         running_server(tmp_path, max_images_per_request=3) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         info = await stub.GetModelInfo(pb.GetModelInfoRequest(model="colors"))
         assert info.max_images_per_request == 2
         with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -67,14 +67,17 @@ async def test_a_full_queue_refuses_a_large_image_before_decoding_it_with_a_retr
         running_server(tmp_path, max_queue_size=1, metrics=True) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         registry = server.metrics.registry
         fillers = []
+        # Refused while two are pending (one running, one queued): the queue is full.
         while True:
             filler = stub.Predict(encoded_request("slow", RED), timeout=60)
             fillers.append(filler)
-            await asyncio.sleep(0.01)
-            if filler.done() and await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await asyncio.sleep(0.05)
+            pending = [call for call in fillers if not call.done()]
+            if len(pending) >= 2 and filler.done():
+                assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 break
         decoded = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
         call = stub.Predict(encoded_request("slow", large), timeout=60)
@@ -117,7 +120,7 @@ async def test_the_drain_ends_an_idle_stream_so_it_does_not_hold_the_shutdown(
     write_channel_mean_classifier(tmp_path)
     app = await start_app(settings_for_tests(tmp_path, shutdown_grace_seconds=60))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         requests: asyncio.Queue[pb.PredictRequest | None] = asyncio.Queue()
 
         async def feed() -> AsyncIterator[pb.PredictRequest]:

@@ -35,6 +35,8 @@ def described_repository(tmp_path: Path) -> Path:
         input={"height": 8, "width": 8, "resize_method": "crop"},
         tta={"enabled": True, "views": ["flip", "zoom_center"], "beta": 0.3},
         batching={"max_batch_size": 4, "instances": 2},
+        # Both versions serve (the default policy serves only the newest).
+        version_policy={"all": {}},
         training={
             "dataset": "oxford-iiit-pet",
             "trained_at": "2026-11-20T10:00:00Z",
@@ -57,23 +59,25 @@ async def channel(described_repository: Path) -> AsyncIterator[grpc.aio.Channel]
 
 
 async def test_list_models_names_tasks_versions_and_provider(channel: grpc.aio.Channel) -> None:
-    listed = await pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest())
+    listed = await pb_grpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest())
     summary = {model.name: (model.task, list(model.versions)) for model in listed.models}
     assert summary == {
-        "centroid": ("points", ["1"]),
-        "channels": ("multilabel", ["1"]),
-        "colors": ("classification", ["1", "2"]),
+        "centroid": (pb.MODEL_TASK_POINTS, ["1"]),
+        "channels": (pb.MODEL_TASK_MULTILABEL, ["1"]),
+        "colors": (pb.MODEL_TASK_CLASSIFICATION, ["1", "2"]),
     }
     assert {model.provider for model in listed.models} == {"CPUExecutionProvider"}
 
 
 async def test_model_info_reports_everything_in_force(channel: grpc.aio.Channel) -> None:
-    info = await pb_grpc.InferenceStub(channel).GetModelInfo(pb.GetModelInfoRequest(model="colors"))
+    info = await pb_grpc.InferenceServiceStub(channel).GetModelInfo(
+        pb.GetModelInfoRequest(model="colors")
+    )
     assert (info.name, info.version, list(info.versions), info.task) == (
         "colors",
         "2",
         ["1", "2"],
-        "classification",
+        pb.MODEL_TASK_CLASSIFICATION,
     )
     assert list(info.labels) == ["red", "green", "blue"]
     assert (info.input.height, info.input.width, info.input.resize_method) == (8, 8, "crop")
@@ -92,7 +96,7 @@ async def test_model_info_reports_everything_in_force(channel: grpc.aio.Channel)
 
 
 async def test_model_info_of_a_pinned_version_and_thresholds(channel: grpc.aio.Channel) -> None:
-    stub = pb_grpc.InferenceStub(channel)
+    stub = pb_grpc.InferenceServiceStub(channel)
     old = await stub.GetModelInfo(pb.GetModelInfoRequest(model="colors", version="1"))
     # The config belongs to the model, not the version: version 1 serves under it too.
     assert old.version == "1" and old.tta.enabled and old.input.resize_method == "crop"
@@ -106,7 +110,7 @@ async def test_model_info_of_a_pinned_version_and_thresholds(channel: grpc.aio.C
 
 async def test_health_is_serving_overall_and_per_model(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
-    for service in ("", "visionrpc.v1.Inference", "colors", "channels", "centroid"):
+    for service in ("", "visionrpc.v1.InferenceService", "colors", "channels", "centroid"):
         answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     with pytest.raises(grpc.aio.AioRpcError) as unknown:
@@ -118,7 +122,9 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     requests = [
         reflection_pb2.ServerReflectionRequest(list_services=""),
-        reflection_pb2.ServerReflectionRequest(file_containing_symbol="visionrpc.v1.Inference"),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="visionrpc.v1.InferenceService"
+        ),
     ]
 
     async def outgoing() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
@@ -127,12 +133,14 @@ async def test_reflection_lists_and_describes_the_services(channel: grpc.aio.Cha
 
     listed, described = [answer async for answer in stub.ServerReflectionInfo(outgoing())]
     names = {service.name for service in listed.list_services_response.service}
-    assert {"visionrpc.v1.Inference", "grpc.health.v1.Health"} <= names
+    assert {"visionrpc.v1.InferenceService", "grpc.health.v1.Health"} <= names
     files = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in described.file_descriptor_response.file_descriptor_proto
     ]
-    methods = {m.name for f in files for s in f.service if s.name == "Inference" for m in s.method}
+    methods = {
+        m.name for f in files for s in f.service if s.name == "InferenceService" for m in s.method
+    }
     assert methods == {"Predict", "PredictStream", "ListModels", "GetModelInfo"}
 
 
@@ -141,7 +149,7 @@ def test_a_threaded_server_serves_synchronous_clients_and_metrics(
 ) -> None:
     with server_in_thread(described_repository, metrics=True) as server:
         with grpc.insecure_channel(server.address) as sync_channel:
-            stub = pb_grpc.InferenceStub(sync_channel)
+            stub = pb_grpc.InferenceServiceStub(sync_channel)
             response = stub.Predict(encoded_request("colors", png(solid(0, 200, 0))))
         assert response.results[0].classification.top[0].label == "green"
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
@@ -159,5 +167,5 @@ async def test_a_server_without_models_reports_not_serving(tmp_path: Path) -> No
         health = health_pb2_grpc.HealthStub(channel)
         answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        listed = await pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest())
+        listed = await pb_grpc.InferenceServiceStub(channel).ListModels(pb.ListModelsRequest())
         assert list(listed.models) == []

@@ -24,7 +24,7 @@ async def test_an_idle_server_answers_a_lone_request_without_waiting_out_the_del
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         for colour, label in (((255, 0, 0), "red"), ((0, 0, 255), "blue")):
             # A timeout far under the hour: only an idle dispatch answers in time.
             response = await stub.Predict(
@@ -47,7 +47,7 @@ async def test_concurrent_requests_share_batches_though_the_delay_never_closes_o
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         image = png(solid(0, 255, 0))
         answers = await asyncio.gather(
             *(stub.Predict(encoded_request("colors", image), timeout=60) for _ in range(requests))

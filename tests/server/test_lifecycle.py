@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
-from tests.helpers.serve_process import ServeProcess, serve_process
+from tests.helpers.serve_log import ServeProcess, serve_process
 from tests.observability.slow_model import write_slow_model
 from tests.server.support import encoded_request, png, solid
 from visionrpc.client import AsyncClient, VisionRPCError
@@ -166,8 +166,9 @@ async def test_a_call_made_while_the_model_loads_is_retried_until_it_succeeds(
 async def test_a_call_refused_for_a_full_queue_is_retried_until_it_succeeds(
     tmp_path: Path,
 ) -> None:
-    # About half a second per image, one at a time, one waiting.
-    write_slow_model(tmp_path, name="model", products=20)
+    # A second or more per image, one at a time, one waiting: the queue stays full
+    # for a whole run once a call is refused.
+    write_slow_model(tmp_path, name="model", products=60)
     with serve_process(tmp_path, "--max-queue-size", "1") as server:
         await asyncio.to_thread(server.wait_until_serving)
         async with (
@@ -175,15 +176,17 @@ async def test_a_call_refused_for_a_full_queue_is_retried_until_it_succeeds(
             grpc.aio.insecure_channel(server.address) as channel,
         ):
             await client.models()  # connected before the queue fills
-            stub = pb_grpc.InferenceStub(channel)
+            stub = pb_grpc.InferenceServiceStub(channel)
             fillers = []
-            # Calls without retries until one is refused: the queue is full right now,
-            # for as long as the running image takes.
+            # Calls without retries until one is refused while two are pending (one
+            # running, one queued): the queue is full for the rest of that run.
             while True:
                 filler = stub.Predict(encoded_request("model", RED), timeout=60)
                 fillers.append(filler)
-                await asyncio.sleep(0.01)
-                if filler.done() and await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                await asyncio.sleep(0.05)
+                pending = [call for call in fillers if not call.done()]
+                if len(pending) >= 2 and filler.done():
+                    assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     break
             await client.predict("model", RED, metadata=(("x-request-id", "late"),))
             for filler in fillers:

@@ -47,14 +47,18 @@ async def test_hundreds_of_concurrent_requests_each_get_their_own_exact_answer(
         running_server(analytic_repository, max_batch_size=8, max_queue_delay_ms=5.0) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         slots = asyncio.Semaphore(CLIENTS_AT_ONCE)
-        options = pb.PredictionOptions(top_k=3, all_scores=True, threshold=0.0)
+        # Each task refuses the options of the others.
+        options = {
+            "colors": pb.PredictionOptions(top_k=3),
+            "channels": pb.PredictionOptions(all_scores=True, threshold=0.0),
+        }
 
         async def call(model: str, files: list[bytes]) -> pb.PredictResponse:
             async with slots:
                 response: pb.PredictResponse = await stub.Predict(
-                    encoded_request(model, *files, options=options)
+                    encoded_request(model, *files, options=options[model])
                 )
                 return response
 
@@ -104,7 +108,7 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         batcher = server.repository.get("colors").batcher
         waiting = [asyncio.ensure_future(stub.Predict(encoded_request("colors", image)))]
         with pytest.raises(grpc.aio.AioRpcError) as too_big:
@@ -136,7 +140,7 @@ async def test_a_request_past_its_deadline_is_dropped_before_compute(tmp_path: P
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         batcher = server.repository.get("colors").batcher
         with pytest.raises(grpc.aio.AioRpcError) as late:
             await stub.Predict(encoded_request("colors", image), timeout=0.5)

@@ -26,14 +26,14 @@ LABELS = ("red", "green", "blue")
 
 
 @pytest.fixture
-async def stub(analytic_repository: Path) -> AsyncIterator[pb_grpc.InferenceAsyncStub]:
+async def stub(analytic_repository: Path) -> AsyncIterator[pb_grpc.InferenceServiceAsyncStub]:
     async with (
         running_server(
             analytic_repository, max_image_bytes=4000, max_image_pixels=10_000
         ) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        yield pb_grpc.InferenceStub(channel)
+        yield pb_grpc.InferenceServiceStub(channel)
 
 
 def top_as_dict(result: pb.ImageResult) -> dict[str, float]:
@@ -41,13 +41,17 @@ def top_as_dict(result: pb.ImageResult) -> dict[str, float]:
 
 
 async def test_classification_scores_equal_the_reference(
-    stub: pb_grpc.InferenceAsyncStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     rng = np.random.default_rng(1)
     files = [png(random_image(rng, w, h)) for w, h in ((8, 8), (20, 11), (5, 30))]
     files.append(png(solid(250, 10, 10)))
     response = await stub.Predict(encoded_request("colors", *files))
-    assert (response.model, response.version, response.task) == ("colors", "1", "classification")
+    assert (response.model, response.version, response.task) == (
+        "colors",
+        "1",
+        pb.MODEL_TASK_CLASSIFICATION,
+    )
     assert len(response.results) == len(files)
     for data, result in zip(files, response.results, strict=True):
         row, _ = model_input(data)
@@ -60,7 +64,7 @@ async def test_classification_scores_equal_the_reference(
     assert (response.results[1].original_width, response.results[1].original_height) == (20, 11)
 
 
-async def test_top_k_limits_the_labels_returned(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_top_k_limits_the_labels_returned(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     request = encoded_request(
         "colors", png(solid(10, 10, 240)), options=pb.PredictionOptions(top_k=1)
     )
@@ -68,7 +72,9 @@ async def test_top_k_limits_the_labels_returned(stub: pb_grpc.InferenceAsyncStub
     assert [item.label for item in response.results[0].classification.top] == ["blue"]
 
 
-async def test_min_confidence_flags_an_unsure_answer(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_min_confidence_flags_an_unsure_answer(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
     grey = png(solid(128, 128, 128))
     options = pb.PredictionOptions(min_confidence=0.5)
     result = (await stub.Predict(encoded_request("colors", grey, options=options))).results[0]
@@ -76,7 +82,9 @@ async def test_min_confidence_flags_an_unsure_answer(stub: pb_grpc.InferenceAsyn
     assert result.classification.min_confidence == pytest.approx(0.5)
 
 
-async def test_multilabel_scores_are_the_channel_means(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_multilabel_scores_are_the_channel_means(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+) -> None:
     image = solid(204, 51, 153)  # 0.8, 0.2, 0.6 of full scale
     request = encoded_request("channels", png(image), options=pb.PredictionOptions(all_scores=True))
     result = (await stub.Predict(request)).results[0].multilabel
@@ -89,7 +97,7 @@ async def test_multilabel_scores_are_the_channel_means(stub: pb_grpc.InferenceAs
     assert [item.label for item in result.all_scores] == list(LABELS)
 
 
-async def test_multilabel_request_thresholds_apply(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_multilabel_request_thresholds_apply(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     options = pb.PredictionOptions(threshold=0.1, class_thresholds={"red": 0.9})
     request = encoded_request("channels", png(solid(204, 51, 153)), options=options)
     result = (await stub.Predict(request)).results[0].multilabel
@@ -99,7 +107,7 @@ async def test_multilabel_request_thresholds_apply(stub: pb_grpc.InferenceAsyncS
     ]
 
 
-async def test_points_come_back_in_original_pixels(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_points_come_back_in_original_pixels(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     image = np.zeros((12, 24, 3), dtype=np.uint8)
     image[2:5, 15:19] = 255
     data = png(image)
@@ -114,7 +122,7 @@ async def test_points_come_back_in_original_pixels(stub: pb_grpc.InferenceAsyncS
     assert 15 < point.x < 19 and 2 < point.y < 5
 
 
-async def test_tta_views_are_batched_and_blended(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_tta_views_are_batched_and_blended(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     rng = np.random.default_rng(2)
     data = png(random_image(rng, 16, 16))
     request = encoded_request("colors", data, options=pb.PredictionOptions(tta=True))
@@ -131,7 +139,7 @@ async def test_tta_views_are_batched_and_blended(stub: pb_grpc.InferenceAsyncStu
 
 
 async def test_raw_pixels_of_one_three_and_four_channels(
-    stub: pb_grpc.InferenceAsyncStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     grey = np.full((8, 8, 1), 102, dtype=np.uint8)
     rgb = solid(0, 255, 51)
@@ -150,7 +158,7 @@ async def test_raw_pixels_of_one_three_and_four_channels(
 
 
 async def test_bad_images_fail_alone_and_name_their_index(
-    stub: pb_grpc.InferenceAsyncStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     good = png(solid(240, 20, 20))
     noisy = png(random_image(np.random.default_rng(3), 64, 64))  # over 4000 bytes
@@ -169,8 +177,8 @@ async def test_bad_images_fail_alone_and_name_their_index(
     response = await stub.Predict(pb.PredictRequest(model="colors", images=images))
     reasons = {
         1: "empty",
-        2: "not a decodable image",
-        3: "not a decodable image",
+        2: "data cannot be decoded",
+        3: "the GIF data cannot be decoded",
         4: "over the limit of 4000",
         5: "over the limit of 10000",
         6: "needs 12 bytes",
@@ -186,14 +194,14 @@ async def test_bad_images_fail_alone_and_name_their_index(
         assert response.results[index].classification.top[0].label == "red"
 
 
-async def test_a_request_without_images_is_invalid(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_a_request_without_images_is_invalid(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Predict(pb.PredictRequest(model="colors"))
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no images" in (failure.value.details() or "")
 
 
-async def test_a_bad_option_is_invalid_and_named(stub: pb_grpc.InferenceAsyncStub) -> None:
+async def test_a_bad_option_is_invalid_and_named(stub: pb_grpc.InferenceServiceAsyncStub) -> None:
     request = encoded_request(
         "channels", png(solid(1, 2, 3)), options=pb.PredictionOptions(threshold=1.5)
     )
@@ -204,7 +212,7 @@ async def test_a_bad_option_is_invalid_and_named(stub: pb_grpc.InferenceAsyncStu
 
 
 async def test_an_unknown_model_is_not_found_and_lists_the_models(
-    stub: pb_grpc.InferenceAsyncStub,
+    stub: pb_grpc.InferenceServiceAsyncStub,
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await stub.Predict(encoded_request("colours", png(solid(1, 2, 3))))
@@ -217,14 +225,14 @@ async def test_an_unknown_model_is_not_found_and_lists_the_models(
 async def test_newest_version_by_default_and_an_older_one_when_pinned(tmp_path: Path) -> None:
     root = tmp_path / "models"
     write_channel_mean_classifier(root, temperature=10.0)
-    write_channel_mean_classifier(root, temperature=2.0)
+    write_channel_mean_classifier(root, temperature=2.0, version_policy={"all": {}})
     data = png(random_image(np.random.default_rng(4), 8, 8))
     row, _ = model_input(data)
     async with (
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         for version, temperature in (("", 2.0), ("2", 2.0), ("1", 10.0)):
             response = await stub.Predict(encoded_request("colors", data, version=version))
             assert response.version == (version or "2")

@@ -101,7 +101,7 @@ async def test_the_server_serves_the_good_models_beside_broken_ones(tmp_path: Pa
         running_server(root) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         listed = await stub.ListModels(pb.ListModelsRequest())
         assert [model.name for model in listed.models] == ["colors"]
         response = await stub.Predict(encoded_request("colors", png(solid(0, 255, 0))))

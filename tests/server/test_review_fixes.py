@@ -90,7 +90,7 @@ async def test_non_finite_model_outputs_fail_only_their_image(tmp_path: Path) ->
         running_server(tmp_path) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         request = encoded_request(
             "sqrt", bright, dark, options=pb.PredictionOptions(all_scores=True)
         )
@@ -110,7 +110,7 @@ async def test_a_model_failing_its_warm_up_is_skipped_not_fatal(tmp_path: Path) 
         grpc.aio.insecure_channel(server.address) as channel,
     ):
         assert [failure.model for failure in server.repository.failures] == ["fixedbatch"]
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         response = await stub.Predict(encoded_request("colors", png(solid(250, 0, 0))))
         assert response.results[0].classification.top[0].label == "red"
         with pytest.raises(grpc.aio.AioRpcError) as failure:
@@ -125,7 +125,7 @@ async def test_a_version_of_non_ascii_digits_is_not_found(tmp_path: Path, versio
         running_server(tmp_path) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         for call in (
             stub.GetModelInfo(pb.GetModelInfoRequest(model="colors", version=version)),
             stub.Predict(encoded_request("colors", png(solid(1, 2, 3)), version=version)),

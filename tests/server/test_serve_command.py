@@ -71,7 +71,7 @@ def test_sigterm_finishes_the_call_in_flight_and_exits_zero(
     wait_until_serving(address)
     outcome: dict[str, object] = {}
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
 
         def call() -> None:
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,9 +66,40 @@ def test_every_setting_has_a_flag() -> None:
         "tls_key": Path("/tls/key.pem"),
         "tls_client_ca": Path("/tls/ca.pem"),
         "auth_token_file": Path("/run/token"),
+        "load_model": ("pets",),
+        "model_control_token_file": Path("/run/control-token"),
     }
-    # The bearer token alone has no flag: it would show in `ps`.
-    assert set(SAMPLE_VALUES) == set(field_names()) - {"auth_token"}
+    # The bearer tokens alone have no flag: they would show in `ps`.
+    assert set(SAMPLE_VALUES) == set(field_names()) - {"auth_token", "model_control_token"}
+
+
+def test_load_model_flags_add_up() -> None:
+    settings = parse_serve(
+        "--model-control", "explicit", "--load-model", "pets", "--load-model", "voc,biwi"
+    )
+    assert settings.load_model == ("pets", "voc", "biwi")
+    assert ServerSettings().model_control == "none"
+    assert ServerSettings().model_control_api == "off"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"model_control": "sometimes"}, "model_control must be one of none, poll, explicit"),
+        ({"poll_interval_seconds": 0.0}, "poll_interval_seconds must be positive"),
+        ({"load_model": ("pets",)}, "load_model needs model_control explicit"),
+        ({"model_control_api": "yes"}, "model_control_api must be on or off"),
+        (
+            {"model_control_api": "on", "auth_token": "inference"},
+            "model_control_api needs its own token",
+        ),
+    ],
+)
+def test_model_control_settings_that_cannot_work_are_refused(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        ServerSettings(**values)
 
 
 SAMPLE_VALUES: dict[str, object] = {
@@ -97,6 +129,11 @@ SAMPLE_VALUES: dict[str, object] = {
     "shutdown_grace_seconds": 1.5,
     "log_level": "DEBUG",
     "log_format": "json",
+    "model_control": "explicit",
+    "poll_interval_seconds": 2.5,
+    "load_model": "pets",
+    "model_control_api": "on",
+    "model_control_token_file": "/run/control-token",
 }
 
 

@@ -38,7 +38,7 @@ async def test_every_request_is_answered_once_even_after_a_bad_one(
         running_server(analytic_repository, stream_max_in_flight=4) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         answers = [answer async for answer in stub.PredictStream(outgoing())]
 
     by_id = {answer.request_id: answer for answer in answers}
@@ -50,7 +50,11 @@ async def test_every_request_is_answered_once_even_after_a_bad_one(
     for level in levels:
         answer = by_id[f"r{level}"]
         assert not answer.HasField("error")
-        assert (answer.model, answer.version, answer.task) == ("channels", "1", "multilabel")
+        assert (answer.model, answer.version, answer.task) == (
+            "channels",
+            "1",
+            pb.MODEL_TASK_MULTILABEL,
+        )
         expected = channel_means(solid(level, 255 - level, 7)[None])[0]
         served = [item.score for item in answer.results[0].multilabel.all_scores]
         np.testing.assert_allclose(served, expected, atol=1e-6)
@@ -66,7 +70,7 @@ async def test_an_empty_stream_ends_cleanly(analytic_repository: Path) -> None:
         running_server(analytic_repository) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         assert [answer async for answer in stub.PredictStream(nothing())] == []
 
 
@@ -85,7 +89,7 @@ async def test_a_stream_works_on_requests_concurrently_up_to_its_bound(tmp_path:
         running_server(root, stream_max_in_flight=4) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         answers = [answer async for answer in stub.PredictStream(outgoing())]
         stats = server.repository.get("channels").batcher.stats
     assert sorted(int(answer.request_id) for answer in answers) == list(range(8))

@@ -60,7 +60,7 @@ def port_of(address: str) -> int:
 
 
 async def predict_top_label(channel: grpc.aio.Channel, **call: Any) -> str:
-    response = await pb_grpc.InferenceStub(channel).Predict(
+    response = await pb_grpc.InferenceServiceStub(channel).Predict(
         encoded_request("colors", RED), timeout=10, **call
     )
     return response.results[0].classification.top[0].label
@@ -207,7 +207,7 @@ async def guarded_channel(repository: Path) -> AsyncIterator[grpc.aio.Channel]:
 async def test_inference_calls_without_the_token_are_unauthenticated(
     guarded_channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...]
 ) -> None:
-    stub = pb_grpc.InferenceStub(guarded_channel)
+    stub = pb_grpc.InferenceServiceStub(guarded_channel)
     with pytest.raises(grpc.aio.AioRpcError) as unary:
         await stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
     assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -223,7 +223,7 @@ async def test_inference_calls_with_the_token_are_answered(
 ) -> None:
     metadata = (("authorization", f"Bearer {TOKEN}"),)
     assert await predict_top_label(guarded_channel, metadata=metadata) == "red"
-    stub = pb_grpc.InferenceStub(guarded_channel)
+    stub = pb_grpc.InferenceServiceStub(guarded_channel)
     stream = stub.PredictStream(
         iter([encoded_request("colors", RED, request_id="a")]), metadata=metadata
     )
@@ -254,7 +254,7 @@ async def test_refused_predictions_are_counted_and_access_logged_without_their_c
         running_server(repository, metrics=True, auth_token=TOKEN) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
-        stub = pb_grpc.InferenceStub(channel)
+        stub = pb_grpc.InferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as unary:
             await stub.Predict(
                 encoded_request(scanned, RED), metadata=(("x-request-id", "refused-1"),), timeout=10
@@ -302,7 +302,7 @@ async def test_health_and_reflection_stay_open_without_the_token(
     )
     [listed] = [answer async for answer in listing]
     names = {service.name for service in listed.list_services_response.service}
-    assert "visionrpc.v1.Inference" in names
+    assert "visionrpc.v1.InferenceService" in names
 
 
 async def test_tls_and_token_together(

@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 
 from visionrpc.server.model_config import InputSpec
-from visionrpc.server.preprocess import load_image, prepare
+from visionrpc.server.preprocess import decode_for_model, prepare
 from visionrpc.training.data import make_loaders
 from visionrpc.training.datasets import Dataset, read_biwi, read_pets, read_voc
 from visionrpc.training.synthetic import make_biwi, make_pets, make_voc
@@ -67,7 +67,10 @@ def test_valid_batches_are_the_servers_preprocessing_byte_for_byte(
 ) -> None:
     loaders = make_loaders(biwi, size=(48, 64), bs=4, resize_method=resize_method)
     batches = [images.numpy() for images, _ in loaders.valid]
-    served = [prepare(load_image(item.path.read_bytes()), loaders.spec) for item in biwi.valid]
+    served = [
+        prepare(decode_for_model(item.path.read_bytes(), loaders.spec), loaders.spec)
+        for item in biwi.valid
+    ]
     assert np.array_equal(np.concatenate(batches), np.stack([pixels for pixels, _ in served]))
     assert loaders.valid_geometries == [geometry for _, geometry in served]
 
@@ -99,7 +102,7 @@ def test_valid_geometry_follows_exif_orientation(pets: Dataset, tmp_path: Path) 
         width, height = image.size
     dataset = dataclasses.replace(pets, valid=[dataclasses.replace(pets.valid[0], path=rotated)])
     loaders = make_loaders(dataset, size=(40, 40), bs=2)
-    pixels, geometry = prepare(load_image(rotated.read_bytes()), loaders.spec)
+    pixels, geometry = prepare(decode_for_model(rotated.read_bytes(), loaders.spec), loaders.spec)
     assert (geometry.original_width, geometry.original_height) == (height, width)
     assert loaders.valid_geometries == [geometry]
     assert np.array_equal(next(iter(loaders.valid))[0][0].numpy(), pixels)

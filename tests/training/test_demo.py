@@ -41,6 +41,6 @@ async def test_demo_repository_loads_in_the_server(tmp_path: Path) -> None:
         for model in served.loaded():
             spec = model.config.input
             outputs = model.runtime.run(np.zeros((3, spec.height, spec.width, 3), np.uint8))
-            assert outputs.shape == (3, model.config.output_width)
+            assert outputs.shape == (3, model.runtime.output_width)
     finally:
         await served.close()

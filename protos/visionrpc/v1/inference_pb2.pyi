@@ -12,6 +12,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ModelTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TASK_UNSPECIFIED: _ModelTask.ValueType  # 0
+    MODEL_TASK_CLASSIFICATION: _ModelTask.ValueType  # 1
+    """One label per image: ImageResult.classification."""
+    MODEL_TASK_MULTILABEL: _ModelTask.ValueType  # 2
+    """Any number of labels per image: ImageResult.multilabel."""
+    MODEL_TASK_POINTS: _ModelTask.ValueType  # 3
+    """Named points per image: ImageResult.points."""
+
+class ModelTask(_ModelTask, metaclass=_ModelTaskEnumTypeWrapper):
+    """What a model predicts, and so which ImageResult field its answers fill.
+    Not named Task: that would clash with System.Threading.Tasks.Task in C#.
+    """
+
+MODEL_TASK_UNSPECIFIED: ModelTask.ValueType  # 0
+MODEL_TASK_CLASSIFICATION: ModelTask.ValueType  # 1
+"""One label per image: ImageResult.classification."""
+MODEL_TASK_MULTILABEL: ModelTask.ValueType  # 2
+"""Any number of labels per image: ImageResult.multilabel."""
+MODEL_TASK_POINTS: ModelTask.ValueType  # 3
+"""Named points per image: ImageResult.points."""
+Global___ModelTask: _TypeAlias = ModelTask  # noqa: Y015
 
 @_typing.final
 class RawImage(_message.Message):
@@ -60,7 +89,9 @@ class Image(_message.Message):
     ENCODED_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     encoded: _builtins.bytes
-    """An encoded file: JPEG, PNG, WebP, BMP, or GIF (first frame)."""
+    """An encoded file: JPEG (and MPO), PNG, WebP, BMP, or GIF (first frame);
+    ModelInfo.accepted_formats lists them.
+    """
     @_builtins.property
     def raw(self) -> Global___RawImage: ...
     def __init__(
@@ -341,8 +372,10 @@ class Points(_message.Message):
 Global___Points: _TypeAlias = Points  # noqa: Y015
 
 @_typing.final
-class Status(_message.Message):
-    """A gRPC status for one image or one streamed request: code is a grpc.StatusCode value."""
+class ErrorStatus(_message.Message):
+    """A gRPC status for one image or one streamed request: code is a grpc.StatusCode value.
+    Not named Status: that would clash with Grpc.Core.Status (C#) and io.grpc.Status (Java).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -362,7 +395,7 @@ class Status(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Status: _TypeAlias = Status  # noqa: Y015
+Global___ErrorStatus: _TypeAlias = ErrorStatus  # noqa: Y015
 
 @_typing.final
 class ImageResult(_message.Message):
@@ -388,14 +421,14 @@ class ImageResult(_message.Message):
     @_builtins.property
     def points(self) -> Global___Points: ...
     @_builtins.property
-    def error(self) -> Global___Status: ...
+    def error(self) -> Global___ErrorStatus: ...
     def __init__(
         self,
         *,
         classification: Global___Classification | None = ...,
         multilabel: Global___MultiLabel | None = ...,
         points: Global___Points | None = ...,
-        error: Global___Status | None = ...,
+        error: Global___ErrorStatus | None = ...,
         tta_applied: _builtins.bool = ...,
         tta_views: _builtins.int = ...,
         original_width: _builtins.int = ...,
@@ -423,14 +456,14 @@ class PredictResponse(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
-    task: _builtins.str
+    task: Global___ModelTask.ValueType
     request_id: _builtins.str
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageResult]:
         """One per input image, in input order."""
 
     @_builtins.property
-    def error(self) -> Global___Status:
+    def error(self) -> Global___ErrorStatus:
         """PredictStream only: set when the whole request failed; results is then empty."""
 
     def __init__(
@@ -438,10 +471,10 @@ class PredictResponse(_message.Message):
         *,
         model: _builtins.str = ...,
         version: _builtins.str = ...,
-        task: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
         results: _abc.Iterable[Global___ImageResult] | None = ...,
         request_id: _builtins.str = ...,
-        error: Global___Status | None = ...,
+        error: Global___ErrorStatus | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -471,21 +504,21 @@ class ModelSummary(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
-    TASK_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    task: _builtins.str
     provider: _builtins.str
+    task: Global___ModelTask.ValueType
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
-        task: _builtins.str = ...,
         versions: _abc.Iterable[_builtins.str] | None = ...,
         provider: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -686,9 +719,11 @@ class ModelInfo(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FORMATS_FIELD_NUMBER: _builtins.int
+    ACCEPTED_EXTENSIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
-    task: _builtins.str
+    task: Global___ModelTask.ValueType
     threshold: _builtins.float
     """multilabel: default threshold and per-label defaults."""
     min_confidence: _builtins.float
@@ -702,7 +737,9 @@ class ModelInfo(_message.Message):
     top_k: _builtins.int
     """classification: how many labels a request gets when it does not say."""
     max_images_per_request: _builtins.int
-    """The most images one request may carry; more is INVALID_ARGUMENT. Split longer lists."""
+    """The most images one PredictRequest may carry (0: no limit); more is INVALID_ARGUMENT.
+    The visionrpc clients split longer lists into several requests.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -717,13 +754,21 @@ class ModelInfo(_message.Message):
     def batching(self) -> Global___BatchingSettings: ...
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    @_builtins.property
+    def accepted_formats(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The encoded formats Image.encoded may hold, as Pillow names them (e.g. "JPEG", "MPO")."""
+
+    @_builtins.property
+    def accepted_extensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """File name suffixes of those formats, lower case with the dot (e.g. ".jpg", ".mpo")."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         versions: _abc.Iterable[_builtins.str] | None = ...,
-        task: _builtins.str = ...,
+        task: Global___ModelTask.ValueType = ...,
         labels: _abc.Iterable[_builtins.str] | None = ...,
         input: Global___InputGeometry | None = ...,
         threshold: _builtins.float = ...,
@@ -738,10 +783,12 @@ class ModelInfo(_message.Message):
         config_json: _builtins.str = ...,
         top_k: _builtins.int = ...,
         max_images_per_request: _builtins.int = ...,
+        accepted_formats: _abc.Iterable[_builtins.str] | None = ...,
+        accepted_extensions: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "input", b"input", "tta", b"tta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "max_images_per_request", b"max_images_per_request", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_extensions", b"accepted_extensions", "accepted_formats", b"accepted_formats", "batching", b"batching", "class_thresholds", b"class_thresholds", "config_json", b"config_json", "dataset", b"dataset", "input", b"input", "labels", b"labels", "max_images_per_request", b"max_images_per_request", "metrics", b"metrics", "min_confidence", b"min_confidence", "name", b"name", "provider", b"provider", "task", b"task", "threshold", b"threshold", "top_k", b"top_k", "trained_at", b"trained_at", "tta", b"tta", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

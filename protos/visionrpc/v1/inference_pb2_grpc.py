@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class InferenceStub:
+class InferenceServiceStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,28 +35,28 @@ class InferenceStub:
             channel: A grpc.Channel.
         """
         self.Predict = channel.unary_unary(
-                '/visionrpc.v1.Inference/Predict',
+                '/visionrpc.v1.InferenceService/Predict',
                 request_serializer=visionrpc_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=visionrpc_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.PredictStream = channel.stream_stream(
-                '/visionrpc.v1.Inference/PredictStream',
+                '/visionrpc.v1.InferenceService/PredictStream',
                 request_serializer=visionrpc_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
                 response_deserializer=visionrpc_dot_v1_dot_inference__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
-                '/visionrpc.v1.Inference/ListModels',
+                '/visionrpc.v1.InferenceService/ListModels',
                 request_serializer=visionrpc_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=visionrpc_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/visionrpc.v1.Inference/GetModelInfo',
+                '/visionrpc.v1.InferenceService/GetModelInfo',
                 request_serializer=visionrpc_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=visionrpc_dot_v1_dot_inference__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
-class InferenceServicer:
+class InferenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Predict(self, request, context):
@@ -89,7 +89,7 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_InferenceServicer_to_server(servicer, server):
+def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
@@ -113,13 +113,13 @@ def add_InferenceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'visionrpc.v1.Inference', rpc_method_handlers)
+            'visionrpc.v1.InferenceService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('visionrpc.v1.Inference', rpc_method_handlers)
+    server.add_registered_method_handlers('visionrpc.v1.InferenceService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Inference:
+class InferenceService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -136,7 +136,7 @@ class Inference:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/visionrpc.v1.Inference/Predict',
+            '/visionrpc.v1.InferenceService/Predict',
             visionrpc_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             visionrpc_dot_v1_dot_inference__pb2.PredictResponse.FromString,
             options,
@@ -163,7 +163,7 @@ class Inference:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/visionrpc.v1.Inference/PredictStream',
+            '/visionrpc.v1.InferenceService/PredictStream',
             visionrpc_dot_v1_dot_inference__pb2.PredictRequest.SerializeToString,
             visionrpc_dot_v1_dot_inference__pb2.PredictResponse.FromString,
             options,
@@ -190,7 +190,7 @@ class Inference:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/visionrpc.v1.Inference/ListModels',
+            '/visionrpc.v1.InferenceService/ListModels',
             visionrpc_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             visionrpc_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
@@ -217,7 +217,7 @@ class Inference:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/visionrpc.v1.Inference/GetModelInfo',
+            '/visionrpc.v1.InferenceService/GetModelInfo',
             visionrpc_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             visionrpc_dot_v1_dot_inference__pb2.ModelInfo.FromString,
             options,
