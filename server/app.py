@@ -6,9 +6,11 @@ still loading,
 ``grpc.health.v1`` (overall ``""``, ``visionrpc.v1.InferenceService``, and one service per
 model under the model's name, all NOT_SERVING), reflection, the bearer-token
 interceptor and message-size limits, the port (TLS when configured), start, the
-Prometheus endpoint; then load the models (sessions and warm-up) and turn health
-SERVING. Listening first lets orchestrators see a live process that is not ready yet
-(instead of a refused connection) while models load, and scrape it meanwhile.
+Prometheus endpoint; then the model manager loads the models (sessions and warm-up) and
+turns health SERVING, and with ``--model-control poll`` keeps rescanning the repository
+(``ModelControlService`` is added only with ``--model-control-api on``). Listening first
+lets orchestrators see a live process that is not ready yet (instead of a refused
+connection) while models load, and scrape it meanwhile.
 On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
 health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
 calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +35,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
+from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
+from .interceptors import ObservabilityInterceptor
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
@@ -58,8 +64,6 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
     "ModelControlService"
 ].full_name
-# The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
-PREDICT_METHODS = ("Predict", "PredictStream")
 
 
 @dataclass
@@ -126,38 +130,40 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     )
     drain = Drain()
     servicer = InferenceServicer(
-        pipeline,
-        repository,
-        stream_max_in_flight=settings.stream_max_in_flight,
-        metrics=metrics,
-        drain=drain,
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, drain=drain
     )
-    # The drain's goes first: a call refused while draining costs nothing else.
-    interceptors: list[grpc.aio.ServerInterceptor] = [  # type: ignore[type-arg]
-        DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,))
+    observability = ObservabilityInterceptor(
+        metrics,
+        _version_resolver(repository),
+        (
+            pb.DESCRIPTOR.services_by_name["InferenceService"],
+            v2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
+    )
+    # The first interceptor wraps the others, so calls refused for their token, or
+    # because the server drains, are observed like any other. The drain's comes next:
+    # a call refused while draining costs nothing else. Both prediction APIs need the
+    # token, health does not (and keeps answering NOT_SERVING while draining).
+    interceptors: list[Any] = [
+        observability,
+        DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,)),
     ]
-    # One interceptor per protected service: both APIs need the token, health does not.
     if auth_token is not None:
         interceptors += [
-            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE),
             BearerTokenInterceptor(
-                auth_token,
-                OPEN_INFERENCE_SERVICE,
-                metrics,
-                ("ModelInfer", "ModelStreamInfer"),
-                methods=OIP_INFERENCE_METHODS,
+                auth_token, OPEN_INFERENCE_SERVICE, methods=OIP_INFERENCE_METHODS
             ),
         ]
     if settings.model_control_api == "on" and control_token is not None:
         # Its own token: a client trusted to predict is not thereby trusted to unload.
-        interceptors.append(
-            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
-        )
-        interceptors.append(
+        interceptors += [
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE),
             BearerTokenInterceptor(
-                control_token, OPEN_INFERENCE_SERVICE, metrics, (), methods=OIP_CONTROL_METHODS
-            )
-        )
+                control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
+            ),
+        ]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -198,7 +204,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             pipeline,
             repository,
             health_servicer,
-            metrics,
             manager,
             model_control=settings.model_control_api == "on",
             stream_max_in_flight=settings.stream_max_in_flight,
@@ -276,6 +281,19 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
+
+
+def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
+    """The version a failed request was for: the newest when it named none and the model
+    is known, else what it asked for."""
+
+    def resolve(model: str, version: str) -> str:
+        try:
+            return str(repository.get(model, version or None).version)
+        except VisionRPCError:
+            return version
+
+    return resolve
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

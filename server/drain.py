@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # the stubs make these generic; grpc's runtime classes are no
 SHUTTING_DOWN = "the server is shutting down; retry on another replica or once it is back"
 QUIET_SECONDS = 0.05
 RETRY_AFTER_SECONDS = 1.0
-PUSHBACK = (("grpc-retry-pushback-ms", str(round(RETRY_AFTER_SECONDS * 1000))),)
+PUSHBACK = ("grpc-retry-pushback-ms", str(round(RETRY_AFTER_SECONDS * 1000)))
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -137,7 +137,7 @@ def _awaited(inner: Callable[..., Any], drain: Drain) -> Callable[..., Awaitable
     async def behavior(request: Any, context: Context) -> Any:
         if drain.draining:
             drain.refuse()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, PUSHBACK)
+            await _refuse(context)
         with drain.call():
             return await inner(request, context)
 
@@ -148,9 +148,15 @@ def _streaming(inner: Callable[..., AsyncIterator[Any]], drain: Drain) -> Callab
     async def behavior(request: Any, context: Context) -> AsyncIterator[Any]:
         if drain.draining:
             drain.refuse()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, PUSHBACK)
+            await _refuse(context)
         with drain.call():
             async for response in inner(request, context):
                 yield response
 
     return behavior
+
+
+async def _refuse(context: Context) -> None:
+    # Added to what is set already (an observing interceptor's request id).
+    metadata = (*(context.trailing_metadata() or ()), PUSHBACK)
+    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN, metadata)

@@ -231,7 +231,10 @@ class ModelManager:
     async def _poll_forever(self, interval_seconds: float) -> None:
         while True:
             await asyncio.sleep(interval_seconds)
-            await self.poll()
+            try:
+                await self.poll()
+            except Exception:  # an unreadable folder now must not end polling for good
+                logger.exception("the repository scan of %s failed", self.root)
 
     def _check_explicit(self, action: str) -> None:
         if self.mode is not ControlMode.EXPLICIT:

@@ -1,15 +1,12 @@
 """The gRPC servicer: protobuf to plain Python and back, and the one error table.
 
 Everything else (decoding, batching, running, postprocessing) lives in the
-transport-free pipeline. Domain errors map to status codes through ``STATUS_CODES``;
-anything unexpected is logged and answered with INTERNAL.
-
-Each Predict call, and each request of a PredictStream, ends in ``ServerMetrics`` and
-one access-log line carrying the call's request id: the caller's ``x-request-id``
-metadata, or a new one, echoed in the trailing metadata. Nothing is sent before a
-call's outcome is known: initial metadata would commit the call, and gRPC never retries
-a committed call. Refusals that mean "not now" carry ``grpc-retry-pushback-ms``, which
-gRPC clients obey as the time to wait before their retry.
+transport-free pipeline; metrics, access logs and request ids belong to
+``interceptors.ObservabilityInterceptor``, which reads the messages this servicer takes
+and returns. Domain errors map to status codes through ``STATUS_CODES``; anything
+unexpected is logged and answered with INTERNAL. Refusals that mean "not now" carry
+``grpc-retry-pushback-ms``, which gRPC clients obey as the time to wait before their
+retry; nothing is sent before the outcome, so the call can still be retried.
 """
 
 from __future__ import annotations
@@ -17,21 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import task_to_proto
 
+from .client_text import DETAILS_LIMIT, printable
 from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
-from .logging_setup import ACCESS_LOGGER, request_log
-from .metrics import ServerMetrics
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
 from .preprocess import REPORTED_FORMATS, accepted_extensions
@@ -39,11 +33,6 @@ from .repository import LoadedModel, ModelRepository
 from .tasks import serving_task
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger(ACCESS_LOGGER)
-
-REQUEST_ID_KEY = "x-request-id"
-# gRPC's retry design: a client waits this many milliseconds before retrying the call.
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -57,12 +46,18 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# gRPC's retry design: a client waits this many milliseconds before retrying the call.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a caller sees for an error; unexpected ones are logged here, once."""
+    """The status a caller sees for an error; unexpected ones are logged here, once.
+
+    Messages quote what the caller sent (a model name, a label); escaped and cut, a
+    message stays one readable line and fits the client's metadata limit.
+    """
     if isinstance(error, VisionRPCError):
-        return STATUS_CODES[error.kind], error.message
+        return STATUS_CODES[error.kind], printable(error.message, DETAILS_LIMIT, raw=False)
     logger.error("unexpected error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
@@ -74,29 +69,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         repository: ModelRepository,
         *,
         stream_max_in_flight: int,
-        metrics: ServerMetrics | None = None,
         drain: Drain | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
         self._drain = Drain() if drain is None else drain
-        self._metrics = ServerMetrics(CollectorRegistry()) if metrics is None else metrics
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        request_id = _echo_request_id(context)
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
-            except asyncio.CancelledError:
-                self._finished(request, _cancellation_code(context), started, request_id)
-                raise
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                await _abort(context, code, message, exc, request_id)
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
+        except Exception as exc:
+            code, message = status_of(exc)
+            await abort_with_hint(context, code, message, exc)
         return response_to_proto(outcome, request.request_id)
 
     async def PredictStream(
@@ -109,14 +94,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         server drains, the stream reads no more requests, answers the ones it has and
         ends with UNAVAILABLE, so an idle stream does not hold the shutdown.
         """
-        request_id = _echo_request_id(context)
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
         cut_by_drain = False
 
         async def answer(request: pb.PredictRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline, request_id))
+            answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
             nonlocal cut_by_drain
@@ -175,102 +159,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             model = self._repository.get(request.model, request.version)
         except VisionRPCError as exc:
             code, message = status_of(exc)
-            await _abort(context, code, message, exc)
+            await abort_with_hint(context, code, message, exc)
         return model_info_to_proto(
             model, self._repository.versions(model.name), self._pipeline.limit_for(model)
         )
 
     async def _stream_answer(
-        self, request: pb.PredictRequest, deadline: float | None, request_id: str
+        self, request: pb.PredictRequest, deadline: float | None
     ) -> pb.PredictResponse:
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), deadline)
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                return pb.PredictResponse(
-                    model=request.model,
-                    version=request.version,
-                    request_id=request.request_id,
-                    error=pb.ErrorStatus(code=code.value[0], message=message),
-                )
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), deadline)
+        except Exception as exc:
+            code, message = status_of(exc)
+            return pb.PredictResponse(
+                model=request.model,
+                version=request.version,
+                request_id=request.request_id,
+                error=pb.ErrorStatus(code=code.value[0], message=message),
+            )
         return response_to_proto(outcome, request.request_id)
 
-    def _finished(
-        self,
-        request: pb.PredictRequest,
-        code: grpc.StatusCode,
-        started: float,
-        request_id: str,
-        outcome: PredictOutcome | None = None,
-    ) -> None:
-        """Metrics and the access-log line of one answered request."""
-        seconds = time.perf_counter() - started
-        version = self._version_of(request) if outcome is None else str(outcome.model.version)
-        images = len(request.images)
-        self._metrics.request_finished(request.model, version, code.name, images, seconds)
-        if outcome is not None:
-            for result in outcome.results:
-                image_code = "OK"
-                if isinstance(result, VisionRPCError):
-                    image_code = STATUS_CODES[result.kind].name
-                self._metrics.image_finished(request.model, version, image_code)
-        request_log(
-            access_logger,
-            model=request.model,
-            version=version,
-            images=images,
-            status=code.name,
-            latency_seconds=seconds,
-            request_id=request_id,
-        )
 
-    def _version_of(self, request: pb.PredictRequest) -> str:
-        """The version a failed request was for: resolved when the model is known."""
-        try:
-            return str(self._repository.get(request.model, request.version).version)
-        except VisionRPCError:
-            return request.version
-
-
-def _echo_request_id(context: Context) -> str:
-    """The caller's ``x-request-id``, or a new one; echoed so both sides log the same id.
-
-    Trailing metadata only: sending initial metadata now would commit the call, and
-    gRPC would never retry it.
-    """
-    sent = [value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY]
-    request_id = str(sent[0]) if sent else uuid.uuid4().hex
-    context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-    return request_id
-
-
-async def _abort(
-    context: Context,
-    code: grpc.StatusCode,
-    message: str,
-    error: Exception,
-    request_id: str | None = None,
+async def abort_with_hint(
+    context: Context, code: grpc.StatusCode, message: str, error: Exception
 ) -> None:
-    """End the call with ``code``, the request id and, for "not now", the retry hint."""
-    metadata: list[tuple[str, str]] = []
-    if request_id is not None:
-        metadata.append((REQUEST_ID_KEY, request_id))
+    """End the call with ``code``; an error that means "not now" adds its retry hint to
+    the trailing metadata already set (the request id)."""
     retry_after = getattr(error, "retry_after_seconds", None)
-    if retry_after is not None:
-        metadata.append((PUSHBACK_KEY, str(max(1, round(retry_after * 1000)))))
-    await context.abort(code, message, trailing_metadata=tuple(metadata))
-
-
-def _cancellation_code(context: Context) -> grpc.StatusCode:
-    """A handler cancelled by grpc: its deadline passed, or the caller went away."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+    if retry_after is None:
+        await context.abort(code, message)
+    hint = (PUSHBACK_KEY, str(max(1, round(retry_after * 1000))))
+    await context.abort(code, message, (*(context.trailing_metadata() or ()), hint))
 
 
 def _deadline(context: Context) -> float | None:
@@ -372,7 +291,7 @@ def model_info_to_proto(
         dataset=config.training.dataset,
         trained_at=config.training.trained_at,
         config_json=config.to_json(),
-        max_images_per_request=max_images_per_request,
         accepted_formats=list(REPORTED_FORMATS),
         accepted_extensions=list(accepted_extensions()),
+        max_images_per_request=max_images_per_request,
     )

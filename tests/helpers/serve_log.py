@@ -77,11 +77,13 @@ class ServeProcess:
         return found
 
     def access_log(self, request_id: str | None = None) -> list[dict[str, Any]]:
-        """The access-log entries (one per answered request), optionally of one request id."""
+        """The access-log entries of Predict calls (one per call a handler began, refused
+        ones included), optionally of one request id."""
         return [
             record
             for record in self.records()
-            if record.get("message") == "request"
+            if record.get("message") == "call"
+            and str(record.get("method", "")).endswith("/Predict")
             and (request_id is None or record.get("request_id") == request_id)
         ]
 

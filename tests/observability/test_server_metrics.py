@@ -120,7 +120,8 @@ async def test_requests_images_and_stage_timings_match_the_traffic(served: Serve
     assert get("visionrpc_images_total", **colors, code="INVALID_ARGUMENT") == 2.0
     assert get("visionrpc_images_total", **unknown, code="NOT_FOUND") == 2.0
     assert get("visionrpc_images_total", **typo, code="NOT_FOUND") == 1.0
-    assert get("visionrpc_request_duration_seconds_count", **colors) == 3.0
+    assert get("visionrpc_request_duration_seconds_count", **colors, code="OK") == 2.0
+    assert get("visionrpc_request_duration_seconds_count", **colors, code="INVALID_ARGUMENT") == 1.0
     # Only images that decoded were timed, batched and waited in the queue.
     assert get("visionrpc_preprocess_seconds_count", model="colors") == 3.0
     assert get("visionrpc_batch_size_sum", **colors) == 3.0

@@ -140,6 +140,19 @@ async def test_poll_serves_a_new_version_and_releases_the_old_one(
     )
 
 
+async def test_poll_reloads_a_model_file_replaced_in_place(
+    root: Path, polled: tuple[RunningServer, grpc.aio.Channel]
+) -> None:
+    server, channel = polled
+    replacement = root.parent / "replacement"
+    write_channel_mean_classifier(replacement, temperature=30.0)
+    (replacement / "colors" / "1" / "model.onnx").replace(root / "colors" / "1" / "model.onnx")
+    await server.app.models.poll()
+    answer = await predict(channel)
+    assert answer.version == "1"
+    assert answer.results[0].classification.top[0].score == pytest.approx(red_score(30.0), abs=1e-5)
+
+
 async def test_a_call_running_during_a_swap_finishes_on_the_old_version(tmp_path: Path) -> None:
     root = tmp_path / "models"
     # Version 1 holds each call 1.5 s in its queue, so the call is still running at the swap.
