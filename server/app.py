@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
@@ -53,6 +53,7 @@ from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
 from .oip import OpenInferenceServicer, reflection_pool
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
+from .reflection import enable_reflection
 from .repository import ModelRepository, model_folders
 from .runtime import RuntimeOptions
 from .service import InferenceServicer
@@ -169,6 +170,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            *settings.connection_options(),
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -214,7 +216,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         INFERENCE_SERVICE,
         OPEN_INFERENCE_SERVICE,
         health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
     ]
     if settings.model_control_api == "on":
         model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
@@ -222,9 +223,8 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         )
         services.append(MODEL_CONTROL_SERVICE)
     served_files = [pb.DESCRIPTOR, model_control_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
-    reflection.enable_server_reflection(
-        services, server, pool=reflection_pool([*served_files, reflection_pb2.DESCRIPTOR])
-    )
+    # Reflection answers as grpc.reflection.v1 and v1alpha (see reflection.py).
+    enable_reflection(server, services, reflection_pool([*served_files, reflection_pb2.DESCRIPTOR]))
     address = f"{settings.host}:{settings.port}"
     try:
         port = _add_port(server, address, tls)

@@ -352,7 +352,8 @@ class ModelManager:
             for version in next_versions
         }
         self._set_status(name, folder, config, next_versions, failed, unloading=retired)
-        self._log_swap(name, serving, next_versions)
+        if not self.repository.loading:  # start-up logs each loaded version once, itself
+            self._log_swap(name, serving, next_versions)
         if notify:
             await self._notify(name)
         await self._retire([*retired, *discarded])

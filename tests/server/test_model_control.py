@@ -155,25 +155,34 @@ async def test_poll_reloads_a_model_file_replaced_in_place(
 
 async def test_a_call_running_during_a_swap_finishes_on_the_old_version(tmp_path: Path) -> None:
     root = tmp_path / "models"
-    # Version 1 holds each call 1.5 s in its queue, so the call is still running at the swap.
+    # Version 1 runs a batch only once it holds two rows (or after a minute), so the call
+    # stays running, queued, until the test adds the second row itself.
     write_channel_mean_classifier(
-        root, batching={"max_queue_delay_ms": 1500, "wait_when_idle": True}
+        root,
+        batching={"max_batch_size": 2, "max_queue_delay_ms": 60_000, "wait_when_idle": True},
     )
     async with (
         running_server(root, **POLL_BY_HAND) as server,
         grpc.aio.insecure_channel(server.address) as channel,
     ):
+        old = server.repository.get("colors")
         running = asyncio.ensure_future(predict(channel))
-        await until(lambda: server.repository.get("colors").batcher.queued > 0)
+        await until(lambda: old.batcher.queued > 0)
         write_channel_mean_classifier(root, temperature=20.0)
         swap = asyncio.ensure_future(server.app.models.poll())
         # New calls move to version 2 at once, while version 1 still holds the running call.
         await until(lambda: server.repository.versions("colors") == [2])
         assert (await predict(channel)).version == "2"
-        assert not running.done()
+        assert not running.done() and not swap.done()
         assert index_of(server, "colors")[1][0] is VersionState.UNLOADING
-        assert (await running).version == "1"
+        (filler,) = old.batcher.submit([np.zeros((8, 8, 3), np.uint8)])
+        answer = await running
+        assert answer.version == "1"
+        assert answer.results[0].classification.top[0].score == pytest.approx(
+            red_score(10.0), abs=1e-5
+        )
         await swap
+        await filler
         assert index_of(server, "colors")[1][0] is VersionState.UNAVAILABLE
 
 
