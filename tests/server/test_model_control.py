@@ -102,6 +102,8 @@ async def test_poll_serves_a_new_version_and_releases_the_old_one(
     answer = await predict(channel)
     assert answer.version == "2"
     assert answer.results[0].classification.top[0].score == pytest.approx(red_score(20.0), abs=1e-5)
+    # It warmed up before it took traffic (batch sizes 1 and max_batch_size ran at load).
+    assert server.repository.get("colors").runtime.warmup_seconds > 0
     # The default policy serves the newest version alone; version 1 was released.
     assert index_of(server, "colors") == {
         1: (VersionState.UNAVAILABLE, "not selected by the version policy"),
