@@ -262,16 +262,6 @@ def decode_result(
     )
 
 
-def decode_response(response: pb.PredictResponse, first_index: int) -> list[Prediction]:
-    """Every image's result of one response, in order, numbered from ``first_index``."""
-    return [
-        decode_result(
-            result, response.model, response.version, first_index + i, position_in_request=i
-        )
-        for i, result in enumerate(response.results)
-    ]
-
-
 def raise_first_error(results: Sequence[Prediction]) -> None:
     """``raise_on_error``: the first failed input's error, naming it, as an exception."""
     for result in results:
@@ -424,6 +414,10 @@ class BatchPlan:
     def _fail(self, position: int, code: grpc.StatusCode, message: str) -> None:
         name = describe(self._images[position])
         with self._lock:
+            # A generator of a broken stream may still be finishing a request when the
+            # next stream's generator starts: an input is filed, and counted, once.
+            if self._results[position] is not None:
+                return
             self._results[position] = ImageError(
                 code=code.name,
                 message=image_message(position, name, message),
@@ -464,9 +458,10 @@ class BatchPlan:
         ]
         with self._lock:
             for position, result in zip(positions, results, strict=False):
+                if self._results[position] is None:
+                    self._done += 1
+                    self._answered_by_server += 1
                 self._results[position] = result
-            self._done += len(results)
-            self._answered_by_server += len(results)
             done = self._done
         if self._progress is not None:
             self._progress(done, len(self._images))

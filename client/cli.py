@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_SERVER = "127.0.0.1:8001"
@@ -107,14 +108,25 @@ def _add_predict(subcommands: argparse._SubParsersAction[Any], parent: Any) -> N
 
 def _run(command: str) -> Any:
     def handler(args: argparse.Namespace) -> int:
-        # gRPC's core logs handshake failures to stderr before the call fails; the
-        # command prints its own one-line reason. Read once, when gRPC loads.
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from . import commands
 
         return commands.run(command, args)
 
     return handler
+
+
+COMMANDS = ("predict", "models", "info", "health")
+
+
+def quiet_transport_logs(argv: Sequence[str]) -> None:
+    """Keep gRPC's own log lines off a client command's stderr.
+
+    gRPC's core logs each failed TLS handshake (and other transport trouble) to
+    stderr before the call fails; the command already prints one line saying why.
+    An explicit ``GRPC_VERBOSITY`` wins, for debugging.
+    """
+    if argv and argv[0] in COMMANDS:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:

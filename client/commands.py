@@ -29,8 +29,8 @@ EXIT_NOT_FOUND = 3
 EXIT_UNAVAILABLE = 4
 
 # Folders are searched for the suffixes the server reports (ModelInfo.accepted_extensions);
-# these stand in for a server too old to report them.
-FALLBACK_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+# these stand in for a server too old to report them (it decoded these formats).
+FALLBACK_SUFFIXES = frozenset({".jpg", ".jpeg", ".mpo", ".png", ".webp", ".bmp", ".gif"})
 # How many skipped files are named before "and N more".
 _SKIPPED_SHOWN = 5
 
@@ -71,7 +71,7 @@ def image_files(paths: list[str], suffixes: frozenset[str]) -> tuple[list[Path],
 def _searched_suffixes(client: Client, args: argparse.Namespace) -> frozenset[str]:
     """The suffixes of the formats the server accepts; asked only when a folder is given."""
     if not any(Path(name).is_dir() for name in args.paths):
-        return FALLBACK_SUFFIXES
+        return frozenset()  # only folders are searched
     info = client.model_info(args.model, args.model_version)
     return frozenset(info.accepted_extensions) or FALLBACK_SUFFIXES
 
@@ -182,7 +182,8 @@ def _model_control(args: argparse.Namespace) -> int:
     """``models --all`` and ``models load|unload|reload NAME``, through ModelControlService."""
     from .model_control import ModelControlClient
 
-    if (args.action is None) == (args.name is None) or (args.action and args.all):
+    wanted = args.action is None and args.name is None if args.all else args.action and args.name
+    if not wanted:
         raise UsageError("use load|unload|reload NAME, or --all")
     if args.timeout <= 0:
         raise UsageError("--timeout must be positive")

@@ -166,7 +166,7 @@ def translate_rpc_error(
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _METADATA_LIMIT_MARKER in message:
         # Oversized headers fail the same way every time: a caller's mistake, not overload.
         return InvalidInputError(
-            f"the call's metadata is too large: {message}",
+            f"metadata too large (the call's headers, or the server's answer to them): {message}",
             grpc.StatusCode.INVALID_ARGUMENT,
             request_id=request_id,
         )

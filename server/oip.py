@@ -2,7 +2,8 @@
 
 As thin as the visionrpc.v1 servicer and over the same pipeline: ModelInfer becomes the
 same ``Pipeline.predict`` call (the same admission, batcher queue, preprocessing,
-thresholds and TTA), and is counted in the same metrics and access log. The tensor
+thresholds and TTA), and is counted in the same metrics and access log by
+``interceptors.ObservabilityInterceptor``, which reads its messages. The tensor
 mapping lives in ``oip_codec``. Readiness follows ``grpc.health.v1``: a draining server,
 or a model that is not SERVING, is not ready.
 
@@ -15,8 +16,7 @@ token, not the inference one); elsewhere they answer UNIMPLEMENTED saying how to
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -29,20 +29,10 @@ from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from . import oip_codec
 from .errors import InvalidInput, VisionRPCError
 from .health import SERVING, HealthServicer
-from .logging_setup import request_log
-from .metrics import ServerMetrics
 from .model_manager import ModelManager
 from .pipeline import Pipeline, PredictOutcome
 from .repository import LoadedModel, ModelRepository, VersionState
-from .service import (
-    STATUS_CODES,
-    Context,
-    _cancellation_code,
-    _deadline,
-    _exchange_request_id,
-    access_logger,
-    status_of,
-)
+from .service import Context, _deadline, abort_with_hint, status_of
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "visionrpc"
@@ -68,16 +58,16 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         pipeline: Pipeline,
         repository: ModelRepository,
         health: HealthServicer,
-        metrics: ServerMetrics,
         manager: ModelManager,
         *,
         model_control: bool,
+        stream_max_in_flight: int,
     ) -> None:
         """``model_control``: whether RepositoryModelLoad and Unload may change what serves."""
+        self._stream_max_in_flight = stream_max_in_flight
         self._pipeline = pipeline
         self._repository = repository
         self._health = health
-        self._metrics = metrics
         self._manager = manager
         self._model_control = model_control
 
@@ -122,26 +112,75 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Context
     ) -> v2.ModelInferResponse:
-        request_id = await _exchange_request_id(context)
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model_name):
+        try:
+            response = await self._infer(request, _deadline(context))
+        except Exception as exc:
+            code, message = status_of(_in_request_terms(exc))
+            await abort_with_hint(context, code, message, exc)
+        return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[v2.ModelInferRequest], context: Context
+    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        """Triton's stream: answers in completion order, at most ``stream_max_in_flight`` at once.
+
+        A request's failure is its own response's ``error_message`` ("<STATUS>: <why>"); the
+        stream goes on. A slot frees only once its answer is sent, so a client that stops
+        reading stops the server from reading more of its requests.
+        """
+        deadline = _deadline(context)
+        answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self._stream_max_in_flight)
+
+        async def answer(request: v2.ModelInferRequest) -> None:
+            answers.put_nowait(await self._stream_answer(request, deadline))
+
+        async def read_requests() -> None:
+            in_flight: set[asyncio.Task[None]] = set()
             try:
-                infer = oip_codec.infer_call(request)
-                # Checked before any work; an unknown model fails here as in the pipeline.
-                model = self._repository.get(infer.call.model, infer.call.version)
-                oip_codec.check_outputs(model.config, infer.outputs)
-                outcome = await self._pipeline.predict(infer.call, _deadline(context))
-                response = oip_codec.infer_response(outcome, request, infer.outputs)
-                _fail_when_every_image_failed(outcome)
-            except asyncio.CancelledError:
-                self._finished(request, _cancellation_code(context), started, request_id)
-                raise
-            except Exception as exc:
-                error = oip_codec.in_parameter_terms(exc) if isinstance(exc, InvalidInput) else exc
-                code, message = status_of(error)
-                self._finished(request, code, started, request_id)
-                await context.abort(code, message)
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
+            finally:
+                for task in in_flight:
+                    task.cancel()
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+            await reader
+        finally:
+            reader.cancel()
+
+    async def _stream_answer(
+        self, request: v2.ModelInferRequest, deadline: float | None
+    ) -> v2.ModelStreamInferResponse:
+        try:
+            response = await self._infer(request, deadline)
+        except Exception as exc:
+            code, message = status_of(_in_request_terms(exc))
+            return v2.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
+        if oip_codec.FINAL_RESPONSE_WANTED in request.parameters:
+            # Each request has exactly one response here, so every response is the final one.
+            response.parameters[oip_codec.FINAL_RESPONSE].bool_param = True
+        return v2.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(
+        self, request: v2.ModelInferRequest, deadline: float | None
+    ) -> v2.ModelInferResponse:
+        infer = oip_codec.infer_call(request)
+        # Checked before any work; an unknown model fails here as in the pipeline.
+        model = self._repository.get(infer.call.model, infer.call.version)
+        oip_codec.check_outputs(model.config, infer.outputs)
+        outcome = await self._pipeline.predict(infer.call, deadline)
+        response = oip_codec.infer_response(outcome, request, infer.outputs)
+        _fail_when_every_image_failed(outcome)
         return response
 
     async def RepositoryIndex(
@@ -205,35 +244,6 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             await context.abort(code, message)
 
-    def _finished(
-        self,
-        request: v2.ModelInferRequest,
-        code: grpc.StatusCode,
-        started: float,
-        request_id: str,
-        outcome: PredictOutcome | None = None,
-    ) -> None:
-        """Metrics and the access-log line of one answered ModelInfer, as visionrpc.v1's."""
-        seconds = time.perf_counter() - started
-        version = request.model_version if outcome is None else str(outcome.model.version)
-        images = len(outcome.results) if outcome is not None else _image_count(request)
-        self._metrics.request_finished(request.model_name, version, code.name, images, seconds)
-        if outcome is not None:
-            for result in outcome.results:
-                image_code = "OK"
-                if isinstance(result, VisionRPCError):
-                    image_code = STATUS_CODES[result.kind].name
-                self._metrics.image_finished(request.model_name, version, image_code)
-        request_log(
-            access_logger,
-            model=request.model_name,
-            version=version,
-            images=images,
-            status=code.name,
-            latency_seconds=seconds,
-            request_id=request_id,
-        )
-
 
 def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
     """One pool with the served files, this protocol's and their imports, for reflection.
@@ -259,18 +269,15 @@ def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.Descrip
     return pool
 
 
+def _in_request_terms(error: Exception) -> Exception:
+    return oip_codec.in_parameter_terms(error) if isinstance(error, InvalidInput) else error
+
+
 def _fail_when_every_image_failed(outcome: PredictOutcome) -> None:
     """With no image answered there is nothing to return: the first image's error is the call's."""
     errors = [result for result in outcome.results if isinstance(result, VisionRPCError)]
     if errors and len(errors) == len(outcome.results):
         raise errors[0]
-
-
-def _image_count(request: v2.ModelInferRequest) -> int:
-    """The images a request holds by its declared shape (0 when it is malformed)."""
-    if len(request.inputs) != 1 or not request.inputs[0].shape:
-        return 0
-    return max(0, int(request.inputs[0].shape[0]))
 
 
 __all__ = [

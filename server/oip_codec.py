@@ -66,7 +66,10 @@ PARAMETERS: dict[str, tuple[str, str]] = {
     "tta_views": ("int", "how many of the model's TTA views to blend"),
     "all_scores": ("bool", "accepted for visionrpc.v1 parity: V2 always returns every label"),
 }
-_IGNORED_PARAMETERS = ("priority", "timeout")
+# tritonclient's stream asks for a flag on each request's last response (see oip.py).
+FINAL_RESPONSE_WANTED = "triton_enable_empty_final_response"
+FINAL_RESPONSE = "triton_final_response"
+_IGNORED_PARAMETERS = ("priority", "timeout", FINAL_RESPONSE_WANTED)
 _PARAMETER_KINDS = {
     "int": ("int64_param", "uint64_param"),
     "number": ("double_param", "int64_param", "uint64_param"),

@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from visionrpc.client import cli as client_cli
+
+    # Before build_parser: registering the commands may load gRPC, which reads its
+    # log settings once, on import.
+    client_cli.quiet_transport_logs(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler

@@ -13,9 +13,10 @@ it is, so that any client of the protocol (tritonclient, the KServe SDK, Seldon,
 perf_analyzer) talks to this server unchanged. The package stays `inference`: it
 is part of every method's wire path (/inference.GRPCInferenceService/...).
 
-Beyond the core spec, three additions clients already rely on:
+Beyond the core spec, four additions clients already rely on:
 - the model repository extension (RepositoryIndex, RepositoryModelLoad,
   RepositoryModelUnload) with the messages Triton and KServe define for it;
+- ModelStreamInfer, Triton's bidirectional stream of ModelInfer requests;
 - ModelConfig, which tritonclient's get_model_config calls, with the subset of
   Triton's model configuration (same field numbers) that describes this server's
   models;
@@ -792,6 +793,34 @@ class InferTensorContents(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferTensorContents: _TypeAlias = InferTensorContents  # noqa: Y015
+
+@_typing.final
+class ModelStreamInferResponse(_message.Message):
+    """Triton extension: one answer of ModelStreamInfer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    INFER_RESPONSE_FIELD_NUMBER: _builtins.int
+    error_message: _builtins.str
+    """Why the request failed; empty when it succeeded."""
+    @_builtins.property
+    def infer_response(self) -> Global___ModelInferResponse:
+        """The answer, when the request succeeded."""
+
+    def __init__(
+        self,
+        *,
+        error_message: _builtins.str = ...,
+        infer_response: Global___ModelInferResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["infer_response", b"infer_response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_message", b"error_message", "infer_response", b"infer_response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelStreamInferResponse: _TypeAlias = ModelStreamInferResponse  # noqa: Y015
 
 @_typing.final
 class ModelConfigRequest(_message.Message):

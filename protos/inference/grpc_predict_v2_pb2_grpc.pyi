@@ -13,9 +13,10 @@ it is, so that any client of the protocol (tritonclient, the KServe SDK, Seldon,
 perf_analyzer) talks to this server unchanged. The package stays `inference`: it
 is part of every method's wire path (/inference.GRPCInferenceService/...).
 
-Beyond the core spec, three additions clients already rely on:
+Beyond the core spec, four additions clients already rely on:
 - the model repository extension (RepositoryIndex, RepositoryModelLoad,
   RepositoryModelUnload) with the messages Triton and KServe define for it;
+- ModelStreamInfer, Triton's bidirectional stream of ModelInfer requests;
 - ModelConfig, which tritonclient's get_model_config calls, with the subset of
   Triton's model configuration (same field numbers) that describes this server's
   models;
@@ -67,6 +68,8 @@ class GRPCInferenceServiceStub:
     """One model's versions, platform and tensors."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]
     """Inference with one model."""
+    ModelStreamInfer: _grpc.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]
+    """Triton extension: a stream of inference requests, each answered on the stream."""
     ModelConfig: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]
     """Triton extension: one model's configuration."""
     RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]
@@ -91,6 +94,8 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """One model's versions, platform and tensors."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelInferResponse]  # type: ignore[assignment]
     """Inference with one model."""
+    ModelStreamInfer: _aio.StreamStreamMultiCallable[_grpc_predict_v2_pb2.ModelInferRequest, _grpc_predict_v2_pb2.ModelStreamInferResponse]  # type: ignore[assignment]
+    """Triton extension: a stream of inference requests, each answered on the stream."""
     ModelConfig: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.ModelConfigRequest, _grpc_predict_v2_pb2.ModelConfigResponse]  # type: ignore[assignment]
     """Triton extension: one model's configuration."""
     RepositoryIndex: _aio.UnaryUnaryMultiCallable[_grpc_predict_v2_pb2.RepositoryIndexRequest, _grpc_predict_v2_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
@@ -148,6 +153,14 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_grpc_predict_v2_pb2.ModelInferResponse, _abc.Awaitable[_grpc_predict_v2_pb2.ModelInferResponse]]:
         """Inference with one model."""
+
+    @_abc_1.abstractmethod
+    def ModelStreamInfer(
+        self,
+        request_iterator: _MaybeAsyncIterator[_grpc_predict_v2_pb2.ModelInferRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_grpc_predict_v2_pb2.ModelStreamInferResponse], _abc.AsyncIterator[_grpc_predict_v2_pb2.ModelStreamInferResponse]]:
+        """Triton extension: a stream of inference requests, each answered on the stream."""
 
     @_abc_1.abstractmethod
     def ModelConfig(

@@ -71,7 +71,7 @@ def observe(observer: PredictionObserver, model: str, version: str, result: Poin
 
 def to_v1(result: PointsResult, message: pb.ImageResult) -> None:
     message.points.CopyFrom(
-        pb.Points(
+        pb.PointList(
             points=[
                 pb.Point(
                     name=point.name,

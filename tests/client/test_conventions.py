@@ -11,24 +11,30 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from tests.client.conftest import random_images, solid, write_test_models
 from tests.client.scripted_server import MetadataRecorder, inference_server
 from tests.client.test_cli import visionrpc
 from tests.helpers.server import RunningServer, free_port, running_server, tls_settings
-from tests.helpers.tls import Certificates
+from tests.helpers.tls import Certificates, make_certificates
 from visionrpc.client import (
+    AsyncClient,
     Classification,
     Client,
     ImageError,
     InvalidInputError,
     ModelNotFoundError,
     RetryPolicy,
+    TLSConfig,
     UnauthenticatedError,
     UnavailableError,
 )
+from visionrpc.client.channel import SERVICE_NAME
+from visionrpc.protos import inference_pb2 as pb
 
 IMAGE = solid((0, 200, 0))
 SERVE = [
@@ -155,6 +161,35 @@ def test_predict_many_keeps_its_results_when_the_server_dies(
     assert [error.index for error in lost] == list(range(len(answered), 40))
 
 
+async def test_the_async_client_keeps_its_results_when_the_server_dies(
+    serve_process: tuple[list[str], str],
+) -> None:
+    command, address = serve_process
+    process = await asyncio.to_thread(start_serving, command, address)
+
+    def kill_after_the_first_answer(done: int, total: int) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+
+    try:
+        async with AsyncClient(address, retries=None, timeout=20) as client:
+            results = await client.predict_many(
+                "colors",
+                random_images(40),
+                batch_size=4,
+                max_in_flight=1,
+                progress=kill_after_the_first_answer,
+            )
+    finally:
+        process.kill()
+        process.wait(timeout=10)
+    answered = sum(isinstance(result, Classification) for result in results)
+    assert 4 <= answered < 40
+    lost = results[answered:]
+    assert all(isinstance(error, ImageError) and error.code == "UNAVAILABLE" for error in lost)
+
+
 def test_predict_many_resumes_on_a_new_stream_after_a_restart(
     serve_process: tuple[list[str], str],
 ) -> None:
@@ -212,6 +247,12 @@ async def test_tls_mistakes_are_named_and_local_ones_exit_2(
             pytest.raises(UnavailableError) as plaintext,
         ):
             await asyncio.to_thread(plaintext_client.models, timeout=3)
+        other_ca = TLSConfig(root_certificates=make_certificates().ca.certificate)
+        with (
+            Client(secure.address, tls=other_ca, retries=None) as untrusting_client,
+            pytest.raises(UnavailableError) as untrusted,
+        ):
+            await asyncio.to_thread(untrusting_client.models, timeout=3)
     assert (local.returncode, local.stdout) == (2, "")
     assert local.stderr.splitlines() == [
         "visionrpc models: INVALID_ARGUMENT: TLS: root_certificates is not a PEM certificate "
@@ -221,6 +262,7 @@ async def test_tls_mistakes_are_named_and_local_ones_exit_2(
     (line,) = to_plaintext.stderr.splitlines()
     assert "TLS handshake failed: the server does not speak TLS" in line
     assert "if it expects TLS, connect with TLS" in plaintext.value.message
+    assert "certificate is not signed by the trusted CA" in untrusted.value.message
 
 
 def test_a_flag_that_wants_a_number_says_so(server: RunningServer) -> None:
@@ -244,3 +286,31 @@ def test_info_shows_every_default_in_force_in_height_by_width(server: RunningSer
     limit = info.max_images_per_request or "no limit"
     assert f"max images per request: {limit}" in lines
     assert "accepted formats: JPEG, MPO, PNG, WEBP, BMP, GIF" in lines
+
+
+async def test_an_answer_with_oversized_metadata_is_not_reported_as_overload() -> None:
+    async def predict(request: pb.PredictRequest, context: Any) -> pb.PredictResponse:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no model named " + "x" * 20_000)
+        raise AssertionError("abort returns only by raising")
+
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "Predict": grpc.unary_unary_rpc_method_handler(
+                predict,
+                request_deserializer=pb.PredictRequest.FromString,
+                response_serializer=pb.PredictResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(InvalidInputError, match="metadata too large") as caught:
+                await client.predict("colors", IMAGE)
+    finally:
+        await server.stop(None)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -17,6 +17,7 @@ from visionrpc.client import (
     ModelNotFoundError,
     MultiLabel,
     Points,
+    Prediction,
     RetryPolicy,
     ServerError,
     TLSConfig,
@@ -25,7 +26,7 @@ from visionrpc.client._core import (
     BatchPlan,
     PredictCall,
     checked_metadata,
-    decode_response,
+    decode_result,
     health_request_bytes,
     health_status_from_bytes,
     model_version,
@@ -34,6 +35,13 @@ from visionrpc.client._core import (
 )
 from visionrpc.client.channel import channel_options, service_config
 from visionrpc.protos import inference_pb2 as pb
+
+
+def decode_response(response: pb.PredictResponse, first_index: int) -> list[Prediction]:
+    return [
+        decode_result(result, response.model, response.version, first_index + i)
+        for i, result in enumerate(response.results)
+    ]
 
 
 def call(raise_on_error: bool = False) -> PredictCall:
@@ -99,7 +107,7 @@ def test_each_task_decodes_to_its_result_type_with_provenance() -> None:
                 tta_applied=True,
                 tta_views=3,
             ),
-            pb.ImageResult(points=pb.Points(points=[pb.Point(name="c", x=1.5, y=2.5)])),
+            pb.ImageResult(points=pb.PointList(points=[pb.Point(name="c", x=1.5, y=2.5)])),
             pb.ImageResult(error=pb.ErrorStatus(code=3, message="not an image")),
         ],
     )

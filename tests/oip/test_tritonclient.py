@@ -8,6 +8,7 @@ read at the server (its Prometheus registry) as well as at the client.
 from __future__ import annotations
 
 import json
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -505,3 +506,38 @@ def test_reflection_lists_and_describes_the_open_inference_service(
     methods = {m.name for f in files for s in f.service for m in s.method}
     assert {"ServerLive", "ModelMetadata", "ModelInfer", "RepositoryIndex"} <= methods
     assert v1_described.file_descriptor_response.file_descriptor_proto
+
+
+def test_a_stream_answers_each_request_and_reports_a_bad_one_without_ending(
+    client: triton.InferenceServerClient, server: RunningServer
+) -> None:
+    answers: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    ok_before = count(server, "visionrpc_requests_total", model="colors", version="1", code="OK")
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for index, colour in enumerate(COLOURS):
+            client.async_stream_infer(
+                "colors",
+                [encoded_input([png(colour)])],
+                request_id=f"r{index}",
+                enable_empty_final_response=True,
+            )
+        client.async_stream_infer(
+            "colors", [encoded_input([png(COLOURS[0])])], parameters={"topk": 1}
+        )
+        received = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    labels = {}
+    errors = []
+    for result, error in received:
+        if error is not None:
+            errors.append(error.message())
+            continue
+        response = result.get_response()
+        labels[response.id] = result.as_numpy("labels")[0, 0]
+        assert response.parameters["triton_final_response"].bool_param
+    assert labels == {"r0": b"red", "r1": b"green", "r2": b"blue"}
+    assert len(errors) == 1 and errors[0].startswith("INVALID_ARGUMENT: parameters['topk']")
+    ok_after = count(server, "visionrpc_requests_total", model="colors", version="1", code="OK")
+    assert ok_after - ok_before == 3

@@ -17,24 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import json
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper, numpy_helper
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.onnx_models import (
     analytic_model,
@@ -43,7 +33,7 @@ from tests.helpers.onnx_models import (
     config_dict,
     write_corrupt_onnx,
 )
-from tests.helpers.server import free_port
+from tests.helpers.serve_process import serving
 from tests.server.support import png, solid
 from visionrpc.client import AsyncClient, Classification
 from visionrpc.client.errors import VisionRPCError
@@ -55,10 +45,6 @@ RED = png(solid(255, 0, 0))
 COLORS = ("red", "green", "blue")
 # Every call gets a deadline, so a call that hangs shows up as DEADLINE_EXCEEDED.
 CALL_TIMEOUT = 20.0
-SERVE = [
-    sys.executable, "-m", "visionrpc.cli", "serve",
-    "--providers", "CPUExecutionProvider", "--intra-op-threads", "1", "--log-format", "json",
-]  # fmt: skip
 
 
 def red_score(temperature: float) -> float:
@@ -72,109 +58,6 @@ def publish(root: Path, name: str, model: onnx.ModelProto, **config: object) -> 
         onnx.save(model, onnx_file)
         entry = model_config_from_dict(config_dict(name, "classification", COLORS, 8, **config))
         return write_repository_entry(root, entry, onnx_file)
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    address: str
-    metrics_port: int
-    log: Path
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS line")
-
-    def requests_by_code(self, model: str) -> dict[str, int]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        counts: collections.Counter[str] = collections.Counter()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "visionrpc_requests_total" and sample.labels["model"] == model:
-                    counts[sample.labels["code"]] += int(sample.value)
-        return {code: value for code, value in counts.items() if value}
-
-    def metric(self, name: str, **labels: str) -> float:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    return float(sample.value)
-        return 0.0
-
-    def log_records(self) -> list[dict[str, object]]:
-        records = []
-        for line in self.log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-        return records
-
-
-@contextlib.contextmanager
-def serving(root: Path, tmp_path: Path, *flags: str, ready_model: str = "") -> Iterator[Server]:
-    """The process, once ``ready_model`` is SERVING (or, without one, its admin API answers)."""
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path / "serve.log"
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [*SERVE, "--repository", str(root), "--port", str(port),
-             "--metrics-port", str(metrics_port), *flags],
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    server = Server(process, f"127.0.0.1:{port}", metrics_port, log)
-    try:
-        if ready_model:
-            wait_until_serving(server, ready_model)
-        else:
-            wait_for_index(server)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def wait_until_serving(server: Server, model: str) -> None:
-    with grpc.insecure_channel(server.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert server.process.poll() is None, server.log.read_text()
-            try:
-                answer = stub.Check(health_pb2.HealthCheckRequest(service=model), timeout=1)
-            except grpc.RpcError:
-                answer = None
-            if answer is not None and answer.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"{model} never became SERVING")
-
-
-def wait_for_index(server: Server) -> None:
-    """Until the process answers the admin API (it has finished loading)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, server.log.read_text()
-        try:
-            with ModelControlClient(server.address, timeout=2) as control:
-                control.index()
-        except VisionRPCError:
-            time.sleep(0.1)
-            continue
-        return
-    raise AssertionError("the server never answered the repository index")
 
 
 @dataclass

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisionrpc/v1/inference.proto\x12\x0cvisionrpc.v1\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.visionrpc.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"\xe3\x02\n\x11PredictionOptions\x12\x12\n\x05top_k\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12N\n\x10\x63lass_thresholds\x18\x03 \x03(\x0b\x32\x34.visionrpc.v1.PredictionOptions.ClassThresholdsEntry\x12\x1b\n\x0emin_confidence\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x10\n\x03tta\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x16\n\ttta_views\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nall_scores\x18\x07 \x01(\x08\x1a\x36\n\x14\x43lassThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_kB\x0c\n\n_thresholdB\x11\n\x0f_min_confidenceB\x06\n\x04_ttaB\x0c\n\n_tta_views\"\x9b\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.visionrpc.v1.Image\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.visionrpc.v1.PredictionOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"m\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\x12\x1c\n\x14\x62\x65low_min_confidence\x18\x02 \x01(\x08\x12\x16\n\x0emin_confidence\x18\x03 \x01(\x02\"d\n\nMultiLabel\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\x12,\n\nall_scores\x18\x02 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\"W\n\x05Point\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\x12\x14\n\x0cx_normalized\x18\x04 \x01(\x02\x12\x14\n\x0cy_normalized\x18\x05 \x01(\x02\"-\n\x06Points\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.visionrpc.v1.Point\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xac\x02\n\x0bImageResult\x12\x36\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1c.visionrpc.v1.ClassificationH\x00\x12.\n\nmultilabel\x18\x02 \x01(\x0b\x32\x18.visionrpc.v1.MultiLabelH\x00\x12&\n\x06points\x18\x03 \x01(\x0b\x32\x14.visionrpc.v1.PointsH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.visionrpc.v1.ErrorStatusH\x00\x12\x13\n\x0btta_applied\x18\x05 \x01(\x08\x12\x11\n\ttta_views\x18\x06 \x01(\r\x12\x16\n\x0eoriginal_width\x18\x07 \x01(\r\x12\x17\n\x0foriginal_height\x18\x08 \x01(\rB\x08\n\x06result\"\xc8\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x04task\x18\x07 \x01(\x0e\x32\x17.visionrpc.v1.ModelTask\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.visionrpc.v1.ImageResult\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.visionrpc.v1.ErrorStatusJ\x04\x08\x03\x10\x04\"\x13\n\x11ListModelsRequest\"m\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12%\n\x04task\x18\x05 \x01(\x0e\x32\x17.visionrpc.v1.ModelTaskJ\x04\x08\x02\x10\x03\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.visionrpc.v1.ModelSummary\"5\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\rInputGeometry\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x15\n\rresize_method\x18\x03 \x01(\t\"I\n\x0bTTASettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\r\n\x05views\x18\x02 \x03(\t\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x02\x12\x0c\n\x04zoom\x18\x04 \x01(\x02\"q\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x11\n\tinstances\x18\x04 \x01(\r\"\xc3\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12%\n\x04task\x18\x15 \x01(\x0e\x32\x17.visionrpc.v1.ModelTask\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12*\n\x05input\x18\x06 \x01(\x0b\x32\x1b.visionrpc.v1.InputGeometry\x12\x11\n\tthreshold\x18\x07 \x01(\x02\x12\x46\n\x10\x63lass_thresholds\x18\x08 \x03(\x0b\x32,.visionrpc.v1.ModelInfo.ClassThresholdsEntry\x12\x16\n\x0emin_confidence\x18\t \x01(\x02\x12&\n\x03tta\x18\n \x01(\x0b\x32\x19.visionrpc.v1.TTASettings\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x30\n\x08\x62\x61tching\x18\x0c \x01(\x0b\x32\x1e.visionrpc.v1.BatchingSettings\x12\x35\n\x07metrics\x18\r \x03(\x0b\x32$.visionrpc.v1.ModelInfo.MetricsEntry\x12\x0f\n\x07\x64\x61taset\x18\x0e \x01(\t\x12\x12\n\ntrained_at\x18\x0f \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x10 \x01(\t\x12\r\n\x05top_k\x18\x11 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x12 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pted_formats\x18\x13 \x03(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_extensions\x18\x14 \x03(\t\x1a\x36\n\x14\x43lassThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x04\x10\x05*x\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_TASK_CLASSIFICATION\x10\x01\x12\x19\n\x15MODEL_TASK_MULTILABEL\x10\x02\x12\x15\n\x11MODEL_TASK_POINTS\x10\x03\x32\xc9\x02\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.visionrpc.v1.PredictRequest\x1a\x1d.visionrpc.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.visionrpc.v1.PredictRequest\x1a\x1d.visionrpc.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.visionrpc.v1.ListModelsRequest\x1a .visionrpc.v1.ListModelsResponse\x12J\n\x0cGetModelInfo\x12!.visionrpc.v1.GetModelInfoRequest\x1a\x17.visionrpc.v1.ModelInfoBs\n\x10\x63om.visionrpc.v1B\x0eInferenceProtoP\x01Z>github.com/visionrpc/visionrpc/gen/go/visionrpc/v1;visionrpcv1\xaa\x02\x0cVisionRpc.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvisionrpc/v1/inference.proto\x12\x0cvisionrpc.v1\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.visionrpc.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"\xe3\x02\n\x11PredictionOptions\x12\x12\n\x05top_k\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x16\n\tthreshold\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12N\n\x10\x63lass_thresholds\x18\x03 \x03(\x0b\x32\x34.visionrpc.v1.PredictionOptions.ClassThresholdsEntry\x12\x1b\n\x0emin_confidence\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\x10\n\x03tta\x18\x05 \x01(\x08H\x03\x88\x01\x01\x12\x16\n\ttta_views\x18\x06 \x01(\rH\x04\x88\x01\x01\x12\x12\n\nall_scores\x18\x07 \x01(\x08\x1a\x36\n\x14\x43lassThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_top_kB\x0c\n\n_thresholdB\x11\n\x0f_min_confidenceB\x06\n\x04_ttaB\x0c\n\n_tta_views\"\x9b\x01\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.visionrpc.v1.Image\x12\x30\n\x07options\x18\x04 \x01(\x0b\x32\x1f.visionrpc.v1.PredictionOptions\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"=\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"m\n\x0e\x43lassification\x12%\n\x03top\x18\x01 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\x12\x1c\n\x14\x62\x65low_min_confidence\x18\x02 \x01(\x08\x12\x16\n\x0emin_confidence\x18\x03 \x01(\x02\"d\n\nMultiLabel\x12(\n\x06labels\x18\x01 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\x12,\n\nall_scores\x18\x02 \x03(\x0b\x32\x18.visionrpc.v1.LabelScore\"W\n\x05Point\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\t\n\x01x\x18\x02 \x01(\x02\x12\t\n\x01y\x18\x03 \x01(\x02\x12\x14\n\x0cx_normalized\x18\x04 \x01(\x02\x12\x14\n\x0cy_normalized\x18\x05 \x01(\x02\"0\n\tPointList\x12#\n\x06points\x18\x01 \x03(\x0b\x32\x13.visionrpc.v1.Point\",\n\x0b\x45rrorStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xaf\x02\n\x0bImageResult\x12\x36\n\x0e\x63lassification\x18\x01 \x01(\x0b\x32\x1c.visionrpc.v1.ClassificationH\x00\x12.\n\nmultilabel\x18\x02 \x01(\x0b\x32\x18.visionrpc.v1.MultiLabelH\x00\x12)\n\x06points\x18\x03 \x01(\x0b\x32\x17.visionrpc.v1.PointListH\x00\x12*\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.visionrpc.v1.ErrorStatusH\x00\x12\x13\n\x0btta_applied\x18\x05 \x01(\x08\x12\x11\n\ttta_views\x18\x06 \x01(\r\x12\x16\n\x0eoriginal_width\x18\x07 \x01(\r\x12\x17\n\x0foriginal_height\x18\x08 \x01(\rB\x08\n\x06result\"\xc8\x01\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12%\n\x04task\x18\x07 \x01(\x0e\x32\x17.visionrpc.v1.ModelTask\x12*\n\x07results\x18\x04 \x03(\x0b\x32\x19.visionrpc.v1.ImageResult\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12(\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x19.visionrpc.v1.ErrorStatusJ\x04\x08\x03\x10\x04\"\x13\n\x11ListModelsRequest\"m\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12%\n\x04task\x18\x05 \x01(\x0e\x32\x17.visionrpc.v1.ModelTaskJ\x04\x08\x02\x10\x03\"@\n\x12ListModelsResponse\x12*\n\x06models\x18\x01 \x03(\x0b\x32\x1a.visionrpc.v1.ModelSummary\"5\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"E\n\rInputGeometry\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x15\n\rresize_method\x18\x03 \x01(\t\"I\n\x0bTTASettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\r\n\x05views\x18\x02 \x03(\t\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x02\x12\x0c\n\x04zoom\x18\x04 \x01(\x02\"q\n\x10\x42\x61tchingSettings\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_ms\x18\x02 \x01(\x01\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x11\n\tinstances\x18\x04 \x01(\r\"\xc3\x05\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12%\n\x04task\x18\x15 \x01(\x0e\x32\x17.visionrpc.v1.ModelTask\x12\x0e\n\x06labels\x18\x05 \x03(\t\x12*\n\x05input\x18\x06 \x01(\x0b\x32\x1b.visionrpc.v1.InputGeometry\x12\x11\n\tthreshold\x18\x07 \x01(\x02\x12\x46\n\x10\x63lass_thresholds\x18\x08 \x03(\x0b\x32,.visionrpc.v1.ModelInfo.ClassThresholdsEntry\x12\x16\n\x0emin_confidence\x18\t \x01(\x02\x12&\n\x03tta\x18\n \x01(\x0b\x32\x19.visionrpc.v1.TTASettings\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x30\n\x08\x62\x61tching\x18\x0c \x01(\x0b\x32\x1e.visionrpc.v1.BatchingSettings\x12\x35\n\x07metrics\x18\r \x03(\x0b\x32$.visionrpc.v1.ModelInfo.MetricsEntry\x12\x0f\n\x07\x64\x61taset\x18\x0e \x01(\t\x12\x12\n\ntrained_at\x18\x0f \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x10 \x01(\t\x12\r\n\x05top_k\x18\x11 \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x12 \x01(\r\x12\x18\n\x10\x61\x63\x63\x65pted_formats\x18\x13 \x03(\t\x12\x1b\n\x13\x61\x63\x63\x65pted_extensions\x18\x14 \x03(\t\x1a\x36\n\x14\x43lassThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01J\x04\x08\x04\x10\x05*x\n\tModelTask\x12\x1a\n\x16MODEL_TASK_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_TASK_CLASSIFICATION\x10\x01\x12\x19\n\x15MODEL_TASK_MULTILABEL\x10\x02\x12\x15\n\x11MODEL_TASK_POINTS\x10\x03\x32\xc9\x02\n\x10InferenceService\x12\x46\n\x07Predict\x12\x1c.visionrpc.v1.PredictRequest\x1a\x1d.visionrpc.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.visionrpc.v1.PredictRequest\x1a\x1d.visionrpc.v1.PredictResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.visionrpc.v1.ListModelsRequest\x1a .visionrpc.v1.ListModelsResponse\x12J\n\x0cGetModelInfo\x12!.visionrpc.v1.GetModelInfoRequest\x1a\x17.visionrpc.v1.ModelInfoBs\n\x10\x63om.visionrpc.v1B\x0eInferenceProtoP\x01Z>github.com/visionrpc/visionrpc/gen/go/visionrpc/v1;visionrpcv1\xaa\x02\x0cVisionRpc.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFO_CLASSTHRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFO_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFO_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELTASK']._serialized_start=2902
-  _globals['_MODELTASK']._serialized_end=3022
+  _globals['_MODELTASK']._serialized_start=2908
+  _globals['_MODELTASK']._serialized_end=3028
   _globals['_RAWIMAGE']._serialized_start=46
   _globals['_RAWIMAGE']._serialized_end=121
   _globals['_IMAGE']._serialized_start=123
@@ -58,34 +58,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MULTILABEL']._serialized_end=988
   _globals['_POINT']._serialized_start=990
   _globals['_POINT']._serialized_end=1077
-  _globals['_POINTS']._serialized_start=1079
-  _globals['_POINTS']._serialized_end=1124
-  _globals['_ERRORSTATUS']._serialized_start=1126
-  _globals['_ERRORSTATUS']._serialized_end=1170
-  _globals['_IMAGERESULT']._serialized_start=1173
-  _globals['_IMAGERESULT']._serialized_end=1473
-  _globals['_PREDICTRESPONSE']._serialized_start=1476
-  _globals['_PREDICTRESPONSE']._serialized_end=1676
-  _globals['_LISTMODELSREQUEST']._serialized_start=1678
-  _globals['_LISTMODELSREQUEST']._serialized_end=1697
-  _globals['_MODELSUMMARY']._serialized_start=1699
-  _globals['_MODELSUMMARY']._serialized_end=1808
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1810
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1874
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1876
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1929
-  _globals['_INPUTGEOMETRY']._serialized_start=1931
-  _globals['_INPUTGEOMETRY']._serialized_end=2000
-  _globals['_TTASETTINGS']._serialized_start=2002
-  _globals['_TTASETTINGS']._serialized_end=2075
-  _globals['_BATCHINGSETTINGS']._serialized_start=2077
-  _globals['_BATCHINGSETTINGS']._serialized_end=2190
-  _globals['_MODELINFO']._serialized_start=2193
-  _globals['_MODELINFO']._serialized_end=2900
+  _globals['_POINTLIST']._serialized_start=1079
+  _globals['_POINTLIST']._serialized_end=1127
+  _globals['_ERRORSTATUS']._serialized_start=1129
+  _globals['_ERRORSTATUS']._serialized_end=1173
+  _globals['_IMAGERESULT']._serialized_start=1176
+  _globals['_IMAGERESULT']._serialized_end=1479
+  _globals['_PREDICTRESPONSE']._serialized_start=1482
+  _globals['_PREDICTRESPONSE']._serialized_end=1682
+  _globals['_LISTMODELSREQUEST']._serialized_start=1684
+  _globals['_LISTMODELSREQUEST']._serialized_end=1703
+  _globals['_MODELSUMMARY']._serialized_start=1705
+  _globals['_MODELSUMMARY']._serialized_end=1814
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1816
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1880
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1882
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1935
+  _globals['_INPUTGEOMETRY']._serialized_start=1937
+  _globals['_INPUTGEOMETRY']._serialized_end=2006
+  _globals['_TTASETTINGS']._serialized_start=2008
+  _globals['_TTASETTINGS']._serialized_end=2081
+  _globals['_BATCHINGSETTINGS']._serialized_start=2083
+  _globals['_BATCHINGSETTINGS']._serialized_end=2196
+  _globals['_MODELINFO']._serialized_start=2199
+  _globals['_MODELINFO']._serialized_end=2906
   _globals['_MODELINFO_CLASSTHRESHOLDSENTRY']._serialized_start=435
   _globals['_MODELINFO_CLASSTHRESHOLDSENTRY']._serialized_end=489
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=2848
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=2894
-  _globals['_INFERENCESERVICE']._serialized_start=3025
-  _globals['_INFERENCESERVICE']._serialized_end=3354
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=2854
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=2900
+  _globals['_INFERENCESERVICE']._serialized_start=3031
+  _globals['_INFERENCESERVICE']._serialized_end=3360
 # @@protoc_insertion_point(module_scope)

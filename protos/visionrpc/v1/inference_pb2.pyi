@@ -352,7 +352,11 @@ class Point(_message.Message):
 Global___Point: _TypeAlias = Point  # noqa: Y015
 
 @_typing.final
-class Points(_message.Message):
+class PointList(_message.Message):
+    """Not named Points: C# cannot give a class a property of its own name, so the field
+    would come out as Points_.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     POINTS_FIELD_NUMBER: _builtins.int
@@ -369,7 +373,7 @@ class Points(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Points: _TypeAlias = Points  # noqa: Y015
+Global___PointList: _TypeAlias = PointList  # noqa: Y015
 
 @_typing.final
 class ErrorStatus(_message.Message):
@@ -419,7 +423,7 @@ class ImageResult(_message.Message):
     @_builtins.property
     def multilabel(self) -> Global___MultiLabel: ...
     @_builtins.property
-    def points(self) -> Global___Points: ...
+    def points(self) -> Global___PointList: ...
     @_builtins.property
     def error(self) -> Global___ErrorStatus: ...
     def __init__(
@@ -427,7 +431,7 @@ class ImageResult(_message.Message):
         *,
         classification: Global___Classification | None = ...,
         multilabel: Global___MultiLabel | None = ...,
-        points: Global___Points | None = ...,
+        points: Global___PointList | None = ...,
         error: Global___ErrorStatus | None = ...,
         tta_applied: _builtins.bool = ...,
         tta_views: _builtins.int = ...,

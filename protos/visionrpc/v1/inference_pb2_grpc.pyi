@@ -37,29 +37,41 @@ class InferenceServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceServiceAsyncStub: ...
     Predict: _grpc.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
-    """Predict one or more images with one model."""
+    """Predict one or more images with one model.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     PredictStream: _grpc.StreamStreamMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]
     """High-throughput stream: each request is answered by one response carrying
     the same request_id. Responses may come back out of order. A request-level
     failure (unknown model, bad option) comes back as PredictResponse.error and
     the stream goes on.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.ModelInfo]
+    """buf:lint:ignore RPC_RESPONSE_STANDARD_NAME"""
 
 @_typing.type_check_only
 class InferenceServiceAsyncStub(InferenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Predict: _aio.UnaryUnaryMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
-    """Predict one or more images with one model."""
+    """Predict one or more images with one model.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    """
     PredictStream: _aio.StreamStreamMultiCallable[_inference_pb2.PredictRequest, _inference_pb2.PredictResponse]  # type: ignore[assignment]
     """High-throughput stream: each request is answered by one response carrying
     the same request_id. Responses may come back out of order. A request-level
     failure (unknown model, bad option) comes back as PredictResponse.error and
     the stream goes on.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_inference_pb2.ListModelsRequest, _inference_pb2.ListModelsResponse]  # type: ignore[assignment]
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_inference_pb2.GetModelInfoRequest, _inference_pb2.ModelInfo]  # type: ignore[assignment]
+    """buf:lint:ignore RPC_RESPONSE_STANDARD_NAME"""
 
 class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -68,7 +80,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _inference_pb2.PredictRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.PredictResponse, _abc.Awaitable[_inference_pb2.PredictResponse]]:
-        """Predict one or more images with one model."""
+        """Predict one or more images with one model.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        """
 
     @_abc_1.abstractmethod
     def PredictStream(
@@ -80,6 +94,9 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         the same request_id. Responses may come back out of order. A request-level
         failure (unknown model, bad option) comes back as PredictResponse.error and
         the stream goes on.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
@@ -94,6 +111,7 @@ class InferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _inference_pb2.GetModelInfoRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_inference_pb2.ModelInfo, _abc.Awaitable[_inference_pb2.ModelInfo]]: ...
+    ) -> _typing.Union[_inference_pb2.ModelInfo, _abc.Awaitable[_inference_pb2.ModelInfo]]:
+        """buf:lint:ignore RPC_RESPONSE_STANDARD_NAME"""
 
 def add_InferenceServiceServicer_to_server(servicer: InferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
