@@ -9,7 +9,7 @@ PORT ?= 8001
 METRICS_PORT ?= 8002
 HOST ?= 127.0.0.1
 
-.PHONY: install system-deps serve demo test lint bench protos clean
+.PHONY: install system-deps node-deps serve demo test lint bench protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[server,train,dev]'
 	touch $@
 
-# Node tools (buf) pinned by package-lock.json; npm comes from .ci/system-deps.
+# Node packages, each pinned by its package-lock.json; npm comes from .ci/system-deps.
+# The root's is buf (make lint); examples/node's is the Node.js client the tests run.
 node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
+
+examples/node/node_modules/.installed: examples/node/package.json examples/node/package-lock.json
+	npm ci --prefix examples/node --no-audit --no-fund --loglevel=error
+	touch $@
+
+node-deps: node_modules/.installed examples/node/node_modules/.installed
 
 install: $(VENV)/.installed
 
@@ -47,8 +54,8 @@ lint: install node_modules/.installed
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 	node_modules/.bin/buf lint
 
-# system-deps first: lint needs npm on a clean machine.
-test: system-deps install lint
+# system-deps first: node-deps and lint need npm on a clean machine.
+test: system-deps install node-deps lint
 	$(BIN)/pytest -q -ra
 
 bench: install
@@ -59,4 +66,4 @@ protos: install
 	$(BIN)/python protos/generate.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache node_modules examples/node/node_modules

@@ -11,9 +11,10 @@ turns health SERVING, and with ``--model-control poll`` keeps rescanning the rep
 (``ModelControlService`` is added only with ``--model-control-api on``). Listening first
 lets orchestrators see a live process that is not ready yet (instead of a refused
 connection) while models load, and scrape it meanwhile.
-On a signal: health turns NOT_SERVING and health watches end once told so, new calls
-are refused, in-flight calls get ``shutdown_grace_seconds`` to finish, then the batchers
-close.
+On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
+health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
+calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
+the gRPC server stop, and the batchers close.
 """
 
 from __future__ import annotations
@@ -21,22 +22,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
+from .drain import Drain, DrainInterceptor
+from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
+from .interceptors import ObservabilityInterceptor
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
@@ -46,6 +53,7 @@ from .oip import SERVICE_NAME as OPEN_INFERENCE_SERVICE
 from .oip import OpenInferenceServicer, reflection_pool
 from .pipeline import Pipeline
 from .preprocess import ImageLimits
+from .reflection import enable_reflection
 from .repository import ModelRepository, model_folders
 from .runtime import RuntimeOptions
 from .service import InferenceServicer
@@ -57,8 +65,6 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 MODEL_CONTROL_SERVICE = model_control_pb2.DESCRIPTOR.services_by_name[
     "ModelControlService"
 ].full_name
-# The calls the servicer counts and access-logs, so the ones whose refusals are recorded too.
-PREDICT_METHODS = ("Predict", "PredictStream")
 
 
 @dataclass
@@ -71,14 +77,27 @@ class RunningApp:
     models: ModelManager
     health: HealthServicer
     metrics: ServerMetrics
+    drain: Drain
     _decode_executor: ThreadPoolExecutor
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuse new calls, give in-flight ones the grace period, then release everything."""
+        """Refuse new calls, let the ones in handlers finish within the grace, then stop.
+
+        ``server.stop`` comes last because it cancels the calls gRPC holds but has not
+        handed to a handler yet; by then the drain has answered every one of ours.
+        """
+        deadline = time.monotonic() + grace_seconds
+        self.drain.begin()
         await self.models.close()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_seconds)
+        if not await self.drain.wait_idle(grace_seconds):
+            logger.warning(
+                "%d calls still running after the %.1f s grace are cancelled",
+                self.drain.in_flight,
+                grace_seconds,
+            )
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.close()
         self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
@@ -106,40 +125,52 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
         decode_executor,
         metrics,
+        max_images_per_request=settings.max_images_per_request,
+        decode_backlog=settings.decode_backlog,
+        decode_threads=threads.preprocess_workers,
     )
+    drain = Drain()
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, metrics=metrics
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, drain=drain
     )
-    # One interceptor per protected service: both APIs need the token, health does not.
-    interceptors = (
-        []
-        if auth_token is None
-        else [
-            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE, metrics, PREDICT_METHODS),
+    observability = ObservabilityInterceptor(
+        metrics,
+        _version_resolver(repository),
+        (
+            pb.DESCRIPTOR.services_by_name["InferenceService"],
+            v2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+        ),
+    )
+    # The first interceptor wraps the others, so calls refused for their token, or
+    # because the server drains, are observed like any other. The drain's comes next:
+    # a call refused while draining costs nothing else. Both prediction APIs need the
+    # token, health does not (and keeps answering NOT_SERVING while draining).
+    interceptors: list[Any] = [
+        observability,
+        DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,)),
+    ]
+    if auth_token is not None:
+        interceptors += [
+            BearerTokenInterceptor(auth_token, INFERENCE_SERVICE),
             BearerTokenInterceptor(
-                auth_token,
-                OPEN_INFERENCE_SERVICE,
-                metrics,
-                ("ModelInfer", "ModelStreamInfer"),
-                methods=OIP_INFERENCE_METHODS,
+                auth_token, OPEN_INFERENCE_SERVICE, methods=OIP_INFERENCE_METHODS
             ),
         ]
-    )
     if settings.model_control_api == "on" and control_token is not None:
         # Its own token: a client trusted to predict is not thereby trusted to unload.
-        interceptors.append(
-            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE, metrics, ())
-        )
-        interceptors.append(
+        interceptors += [
+            BearerTokenInterceptor(control_token, MODEL_CONTROL_SERVICE),
             BearerTokenInterceptor(
-                control_token, OPEN_INFERENCE_SERVICE, metrics, (), methods=OIP_CONTROL_METHODS
-            )
-        )
+                control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
+            ),
+        ]
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            *settings.connection_options(),
         ],
     )
     pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
@@ -175,7 +206,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             pipeline,
             repository,
             health_servicer,
-            metrics,
             manager,
             model_control=settings.model_control_api == "on",
             stream_max_in_flight=settings.stream_max_in_flight,
@@ -186,7 +216,6 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         INFERENCE_SERVICE,
         OPEN_INFERENCE_SERVICE,
         health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
     ]
     if settings.model_control_api == "on":
         model_control_pb2_grpc.add_ModelControlServiceServicer_to_server(
@@ -194,9 +223,8 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         )
         services.append(MODEL_CONTROL_SERVICE)
     served_files = [pb.DESCRIPTOR, model_control_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR]
-    reflection.enable_server_reflection(
-        services, server, pool=reflection_pool([*served_files, reflection_pb2.DESCRIPTOR])
-    )
+    # Reflection answers as grpc.reflection.v1 and v1alpha (see reflection.py).
+    enable_reflection(server, services, reflection_pool([*served_files, reflection_pb2.DESCRIPTOR]))
     address = f"{settings.host}:{settings.port}"
     try:
         port = _add_port(server, address, tls)
@@ -215,6 +243,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         models=manager,
         health=health_servicer,
         metrics=metrics,
+        drain=drain,
         _decode_executor=decode_executor,
         _metrics_server=metrics_server,
     )
@@ -252,6 +281,19 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         "no authentication" if auth_token is None else "bearer token required for Inference",
     )
     return app
+
+
+def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
+    """The version a failed request was for: the newest when it named none and the model
+    is known, else what it asked for."""
+
+    def resolve(model: str, version: str) -> str:
+        try:
+            return str(repository.get(model, version or None).version)
+        except VisionRPCError:
+            return version
+
+    return resolve
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

@@ -41,8 +41,25 @@ _SETTING_HELP = {
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",
     "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
+    "decode_backlog": "images waiting for or in decoding before RESOURCE_EXHAUSTED (default 256)",
+    "max_images_per_request": "most images in one request (default 64; lower for a model "
+    "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
-    "shutdown_grace_seconds": "time in-flight calls get after SIGTERM (default 10)",
+    "shutdown_grace_seconds": "time in-flight calls get to finish after SIGTERM (default 10)",
+    "max_connection_idle_seconds": "close a connection with no call open this long, 0 = never "
+    "(default 300)",
+    "max_connection_age_seconds": "ask every connection to reconnect after this long, so clients "
+    "rebalance over replicas, 0 = never (default 1800)",
+    "max_connection_age_grace_seconds": "time the calls of an aged connection get (default 60)",
+    "keepalive_time_seconds": "ping a quiet connection this often to find vanished peers, "
+    "0 = never (default 60)",
+    "keepalive_timeout_seconds": "close a connection whose ping is not answered in this long "
+    "(default 20)",
+    "keepalive_min_ping_interval_seconds": "shortest interval between a client's pings before "
+    "it is sent away (default 10)",
+    "keepalive_permit_without_calls": "off (default) or on: accept client pings on a "
+    "connection with no call open",
+    "max_concurrent_streams": "calls one connection may have open at once (default 1024)",
     "model_control": "none (read the repository once), poll (rescan it) or explicit "
     "(load what the admin API asks for); default none",
     "poll_interval_seconds": "poll: seconds between repository rescans (default 5)",

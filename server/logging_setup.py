@@ -2,21 +2,34 @@
 
 Fields passed through ``extra=`` (model, version, images, status, latency_ms,
 request_id...) become keys of the JSON object, or ``key=value`` pairs after a text line,
-so one logging call serves both formats.
+so one logging call serves both formats. Every record logged while a call is served
+carries that call's ``request_id`` (from :data:`request_id`, set by the server's
+interceptor), so a warning deep in the pipeline names the call it came from.
+
+A text line is one line: control characters in its message and fields are escaped, so
+text a caller chose cannot forge a line (tracebacks still follow on their own lines).
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import json
 import logging
 import sys
 from typing import Literal
 
+from .client_text import one_line
+
 LogFormat = Literal["text", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 ACCESS_LOGGER = "visionrpc.access"
 _HANDLER_NAME = "visionrpc"
+
+# The id of the call being served in this task; None outside calls.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "visionrpc_request_id", default=None
+)
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _RECORD_ATTRIBUTES = frozenset(
@@ -50,6 +63,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds the current call's ``request_id`` to records that do not carry one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        current = request_id.get()
+        if current is not None and not hasattr(record, "request_id"):
+            record.request_id = current
+        return True
+
+
 class TextFormatter(logging.Formatter):
     """``time LEVEL logger: message key=value ...`` on one line (tracebacks follow)."""
 
@@ -57,13 +80,25 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def formatMessage(self, record: logging.LogRecord) -> str:
+        # The message is escaped whole, so an argument with a newline stays on the line.
         line = super().formatMessage(record)
+        line = one_line(line)
         if record.args:
             # A message formatted from arguments already reads as a sentence with those
             # values; its extra fields are there for JSON and would only repeat them here.
             return line
-        pairs = " ".join(f"{key}={value}" for key, value in _extra_fields(record).items())
+        pairs = " ".join(
+            f"{key}={_text_value(value)}" for key, value in _extra_fields(record).items()
+        )
         return f"{line} {pairs}" if pairs else line
+
+
+def _text_value(value: object) -> str:
+    """A field value that reads as one token: escaped, and quoted when it has a space."""
+    text = one_line(str(value))
+    if text == "" or " " in text or '"' in text:
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
@@ -80,6 +115,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for old in root.handlers[:]:
         if old.get_name() == _HANDLER_NAME:
@@ -91,22 +127,24 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = "text") -> None:
 def request_log(
     logger: logging.Logger,
     *,
-    model: str,
-    version: str,
-    images: int,
+    method: str,
     status: str,
     latency_seconds: float,
     request_id: str,
+    **fields: object,
 ) -> None:
-    """Writes the one access-log line of a finished request."""
+    """Writes the one access-log line of a finished call.
+
+    ``fields`` are the call's own (model, version, images, failed_images...); text in them
+    that the caller chose must already be cut with :func:`client_text.printable`.
+    """
     logger.info(
-        "request",
+        "call",
         extra={
-            "model": model,
-            "version": version,
-            "images": images,
+            "method": method,
             "status": status,
             "latency_ms": round(latency_seconds * 1000.0, 3),
             "request_id": request_id,
+            **fields,
         },
     )

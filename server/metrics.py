@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from types import ModuleType
 from wsgiref.simple_server import WSGIServer
 
@@ -34,6 +34,7 @@ GPU_UTILIZATION = "visionrpc_gpu_utilization_ratio"
 UNKNOWN = "_unknown"
 
 _MODEL_VERSION = ("model", "version")
+_GRPC_METHOD = ("grpc_type", "grpc_service", "grpc_method")
 
 
 class GpuCollector(Collector):
@@ -134,8 +135,9 @@ class ServerMetrics:
         )
         self.request_duration = histogram(
             "visionrpc_request_duration_seconds",
-            "Time from receiving a request to having its answer.",
+            "Time from receiving a request to having its answer, by final gRPC status.",
             LATENCY_BUCKETS,
+            ("model", "version", "code"),
         )
         self.queue_wait = histogram(
             "visionrpc_queue_wait_seconds",
@@ -208,6 +210,32 @@ class ServerMetrics:
         self.tta_images = counter(
             "visionrpc_tta_images_total", "Images predicted with test-time augmentation."
         )
+        # Every RPC, named and labelled as go-grpc-prometheus and py-grpc-prometheus name
+        # theirs, so the dashboards and alerts written for those work unchanged.
+        self.grpc_started = counter(
+            "grpc_server_started_total", "RPCs started on the server.", _GRPC_METHOD
+        )
+        self.grpc_handled = counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, whatever their status.",
+            (*_GRPC_METHOD, "grpc_code"),
+        )
+        self.grpc_handling = histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status, on the server.",
+            LATENCY_BUCKETS,
+            _GRPC_METHOD,
+        )
+        self.grpc_received = counter(
+            "grpc_server_msg_received_total",
+            "Messages received from clients; one per call for unary requests.",
+            _GRPC_METHOD,
+        )
+        self.grpc_sent = counter(
+            "grpc_server_msg_sent_total",
+            "Messages sent to clients; one per successful call for unary responses.",
+            _GRPC_METHOD,
+        )
 
     def _model(self, model: str) -> str:
         return model if model in self._versions else UNKNOWN
@@ -219,6 +247,10 @@ class ServerMetrics:
         # An empty version is a request that failed before "newest" was resolved.
         return model, version if version == "" or version in versions else UNKNOWN
 
+    def request_started(self, model: str) -> None:
+        """A request is being served; it stays in flight until :meth:`request_finished`."""
+        self.in_flight_requests.labels(self._model(model)).inc()
+
     def request_finished(
         self, model: str, version: str, code: str, images: int, seconds: float
     ) -> None:
@@ -228,9 +260,10 @@ class ServerMetrics:
         counted here under the request's code; images of an ``OK`` request are counted one
         by one through :meth:`image_finished`.
         """
+        self.in_flight_requests.labels(self._model(model)).dec()
         labels = self._model_version(model, version)
         self.requests.labels(*labels, code).inc()
-        self.request_duration.labels(*labels).observe(seconds)
+        self.request_duration.labels(*labels, code).observe(seconds)
         if code != "OK" and images > 0:
             self.images.labels(*labels, code).inc(images)
 
@@ -240,36 +273,6 @@ class ServerMetrics:
 
     def preprocess_observed(self, model: str, seconds: float) -> None:
         self.preprocess.labels(self._model(model)).observe(seconds)
-
-    def queue_wait_observed(self, model: str, version: str, seconds: float) -> None:
-        self.queue_wait.labels(*self._model_version(model, version)).observe(seconds)
-
-    def batch_ran(self, model: str, version: str, size: int, seconds: float) -> None:
-        labels = self._model_version(model, version)
-        self.batch_size.labels(*labels).observe(size)
-        self.inference_batch.labels(*labels).observe(seconds)
-
-    def queue_depth_changed(self, model: str, version: str, depth: int) -> None:
-        self.queue_depth.labels(*self._model_version(model, version)).set(depth)
-
-    def queue_capacity_set(self, model: str, version: str, capacity: int) -> None:
-        self.queue_capacity.labels(*self._model_version(model, version)).set(capacity)
-
-    @contextlib.contextmanager
-    def in_flight(self, model: str) -> Iterator[None]:
-        """Counts a request as in flight for the duration of the ``with`` block."""
-        gauge = self.in_flight_requests.labels(self._model(model))
-        gauge.inc()
-        try:
-            yield
-        finally:
-            gauge.dec()
-
-    def queue_rejected(self, model: str, version: str) -> None:
-        self.queue_rejections.labels(*self._model_version(model, version)).inc()
-
-    def deadline_dropped(self, model: str, version: str, count: int = 1) -> None:
-        self.deadline_drops.labels(*self._model_version(model, version)).inc(count)
 
     def model_loaded(
         self, model: str, version: str, task: str, provider: str, warmup_seconds: float
@@ -340,6 +343,13 @@ class ServerMetrics:
     def tta_used(self, model: str, version: str, images: int) -> None:
         self.tta_images.labels(*self._model_version(model, version)).inc(images)
 
+    def for_rpc(self, rpc_type: str, service: str, method: str) -> RpcMetrics:
+        """One gRPC method's families with their labels bound, its series started at zero.
+
+        ``rpc_type`` is ``unary``, ``client_stream``, ``server_stream`` or ``bidi_stream``.
+        """
+        return RpcMetrics(self, rpc_type, service, method)
+
     def for_batcher(self, model: str, version: str) -> BatcherMetrics:
         """The batcher's events for one loaded model version; call after :meth:`model_loaded`."""
         return BatcherMetrics(self, *self._model_version(model, version))
@@ -387,3 +397,36 @@ class BatcherMetrics:
     def batch_ran(self, size: int, seconds: float) -> None:
         self._batch_size.observe(size)
         self._inference.observe(seconds)
+
+
+class RpcMetrics:
+    """One gRPC method's ``grpc_server_*`` series, labels bound once per method."""
+
+    def __init__(self, metrics: ServerMetrics, rpc_type: str, service: str, method: str) -> None:
+        labels = (rpc_type, service, method)
+        self._labels = labels
+        self._handled_family = metrics.grpc_handled
+        self._started = metrics.grpc_started.labels(*labels)
+        self._handling = metrics.grpc_handling.labels(*labels)
+        self._received = metrics.grpc_received.labels(*labels)
+        self._sent = metrics.grpc_sent.labels(*labels)
+        # OK exists from the start so a success-ratio query has a series before traffic.
+        self._handled = {"OK": metrics.grpc_handled.labels(*labels, "OK")}
+
+    def started(self) -> None:
+        self._started.inc()
+
+    def handled(self, code: str, seconds: float) -> None:
+        """The RPC ended with status ``code`` (a ``grpc.StatusCode`` name)."""
+        counter = self._handled.get(code)
+        if counter is None:
+            # At most the 17 status codes per method, so the cache stays small.
+            counter = self._handled[code] = self._handled_family.labels(*self._labels, code)
+        counter.inc()
+        self._handling.observe(seconds)
+
+    def received(self) -> None:
+        self._received.inc()
+
+    def sent(self) -> None:
+        self._sent.inc()

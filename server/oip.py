@@ -2,7 +2,8 @@
 
 As thin as the visionrpc.v1 servicer and over the same pipeline: ModelInfer becomes the
 same ``Pipeline.predict`` call (the same admission, batcher queue, preprocessing,
-thresholds and TTA), and is counted in the same metrics and access log. The tensor
+thresholds and TTA), and is counted in the same metrics and access log by
+``interceptors.ObservabilityInterceptor``, which reads its messages. The tensor
 mapping lives in ``oip_codec``. Readiness follows ``grpc.health.v1``: a draining server,
 or a model that is not SERVING, is not ready.
 
@@ -15,7 +16,6 @@ token, not the inference one); elsewhere they answer UNIMPLEMENTED saying how to
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
@@ -29,20 +29,10 @@ from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from . import oip_codec
 from .errors import InvalidInput, VisionRPCError
 from .health import SERVING, HealthServicer
-from .logging_setup import request_log
-from .metrics import ServerMetrics
 from .model_manager import ModelManager
 from .pipeline import Pipeline, PredictOutcome
 from .repository import LoadedModel, ModelRepository, VersionState
-from .service import (
-    STATUS_CODES,
-    Context,
-    _cancellation_code,
-    _deadline,
-    _exchange_request_id,
-    access_logger,
-    status_of,
-)
+from .service import Context, _deadline, abort_with_hint, status_of
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "visionrpc"
@@ -68,7 +58,6 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         pipeline: Pipeline,
         repository: ModelRepository,
         health: HealthServicer,
-        metrics: ServerMetrics,
         manager: ModelManager,
         *,
         model_control: bool,
@@ -79,7 +68,6 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self._pipeline = pipeline
         self._repository = repository
         self._health = health
-        self._metrics = metrics
         self._manager = manager
         self._model_control = model_control
 
@@ -124,19 +112,11 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: Context
     ) -> v2.ModelInferResponse:
-        request_id = await _exchange_request_id(context)
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model_name):
-            try:
-                response, outcome = await self._infer(request, _deadline(context))
-            except asyncio.CancelledError:
-                self._finished(request, _cancellation_code(context), started, request_id)
-                raise
-            except Exception as exc:
-                code, message = status_of(_in_request_terms(exc))
-                self._finished(request, code, started, request_id)
-                await context.abort(code, message)
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            response = await self._infer(request, _deadline(context))
+        except Exception as exc:
+            code, message = status_of(_in_request_terms(exc))
+            await abort_with_hint(context, code, message, exc)
         return response
 
     async def ModelStreamInfer(
@@ -148,13 +128,12 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         stream goes on. A slot frees only once its answer is sent, so a client that stops
         reading stops the server from reading more of its requests.
         """
-        request_id = await _exchange_request_id(context)
         deadline = _deadline(context)
         answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
 
         async def answer(request: v2.ModelInferRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline, request_id))
+            answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
             in_flight: set[asyncio.Task[None]] = set()
@@ -180,17 +159,13 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
 
     async def _stream_answer(
-        self, request: v2.ModelInferRequest, deadline: float | None, request_id: str
+        self, request: v2.ModelInferRequest, deadline: float | None
     ) -> v2.ModelStreamInferResponse:
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model_name):
-            try:
-                response, outcome = await self._infer(request, deadline)
-            except Exception as exc:
-                code, message = status_of(_in_request_terms(exc))
-                self._finished(request, code, started, request_id)
-                return v2.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            response = await self._infer(request, deadline)
+        except Exception as exc:
+            code, message = status_of(_in_request_terms(exc))
+            return v2.ModelStreamInferResponse(error_message=f"{code.name}: {message}")
         if oip_codec.FINAL_RESPONSE_WANTED in request.parameters:
             # Each request has exactly one response here, so every response is the final one.
             response.parameters[oip_codec.FINAL_RESPONSE].bool_param = True
@@ -198,7 +173,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self, request: v2.ModelInferRequest, deadline: float | None
-    ) -> tuple[v2.ModelInferResponse, PredictOutcome]:
+    ) -> v2.ModelInferResponse:
         infer = oip_codec.infer_call(request)
         # Checked before any work; an unknown model fails here as in the pipeline.
         model = self._repository.get(infer.call.model, infer.call.version)
@@ -206,7 +181,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         outcome = await self._pipeline.predict(infer.call, deadline)
         response = oip_codec.infer_response(outcome, request, infer.outputs)
         _fail_when_every_image_failed(outcome)
-        return response, outcome
+        return response
 
     async def RepositoryIndex(
         self, request: v2.RepositoryIndexRequest, context: Context
@@ -269,35 +244,6 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             code, message = status_of(exc)
             await context.abort(code, message)
 
-    def _finished(
-        self,
-        request: v2.ModelInferRequest,
-        code: grpc.StatusCode,
-        started: float,
-        request_id: str,
-        outcome: PredictOutcome | None = None,
-    ) -> None:
-        """Metrics and the access-log line of one answered ModelInfer, as visionrpc.v1's."""
-        seconds = time.perf_counter() - started
-        version = request.model_version if outcome is None else str(outcome.model.version)
-        images = len(outcome.results) if outcome is not None else _image_count(request)
-        self._metrics.request_finished(request.model_name, version, code.name, images, seconds)
-        if outcome is not None:
-            for result in outcome.results:
-                image_code = "OK"
-                if isinstance(result, VisionRPCError):
-                    image_code = STATUS_CODES[result.kind].name
-                self._metrics.image_finished(request.model_name, version, image_code)
-        request_log(
-            access_logger,
-            model=request.model_name,
-            version=version,
-            images=images,
-            status=code.name,
-            latency_seconds=seconds,
-            request_id=request_id,
-        )
-
 
 def reflection_pool(served: Sequence[FileDescriptor]) -> descriptor_pool.DescriptorPool:
     """One pool with the served files, this protocol's and their imports, for reflection.
@@ -332,13 +278,6 @@ def _fail_when_every_image_failed(outcome: PredictOutcome) -> None:
     errors = [result for result in outcome.results if isinstance(result, VisionRPCError)]
     if errors and len(errors) == len(outcome.results):
         raise errors[0]
-
-
-def _image_count(request: v2.ModelInferRequest) -> int:
-    """The images a request holds by its declared shape (0 when it is malformed)."""
-    if len(request.inputs) != 1 or not request.inputs[0].shape:
-        return 0
-    return max(0, int(request.inputs[0].shape[0]))
 
 
 __all__ = [

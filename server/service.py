@@ -1,12 +1,12 @@
 """The gRPC servicer: protobuf to plain Python and back, and the one error table.
 
 Everything else (decoding, batching, running, postprocessing) lives in the
-transport-free pipeline. Domain errors map to status codes through ``STATUS_CODES``;
-anything unexpected is logged and answered with INTERNAL.
-
-Each Predict call, and each request of a PredictStream, ends in ``ServerMetrics`` and
-one access-log line carrying the call's request id: the caller's ``x-request-id``
-metadata, or a new one, echoed in the response's initial and trailing metadata.
+transport-free pipeline; metrics, access logs and request ids belong to
+``interceptors.ObservabilityInterceptor``, which reads the messages this servicer takes
+and returns. Domain errors map to status codes through ``STATUS_CODES``; anything
+unexpected is logged and answered with INTERNAL. Refusals that mean "not now" carry
+``grpc-retry-pushback-ms``, which gRPC clients obey as the time to wait before their
+retry; nothing is sent before the outcome, so the call can still be retried.
 """
 
 from __future__ import annotations
@@ -14,20 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import task_to_proto
 
+from .client_text import DETAILS_LIMIT, printable
+from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
-from .logging_setup import ACCESS_LOGGER, request_log
-from .metrics import ServerMetrics
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
 from .preprocess import REPORTED_FORMATS, accepted_extensions
@@ -35,9 +33,6 @@ from .repository import LoadedModel, ModelRepository
 from .tasks import serving_task
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger(ACCESS_LOGGER)
-
-REQUEST_ID_KEY = "x-request-id"
 
 STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,12 +46,18 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# gRPC's retry design: a client waits this many milliseconds before retrying the call.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
-    """The status a caller sees for an error; unexpected ones are logged here, once."""
+    """The status a caller sees for an error; unexpected ones are logged here, once.
+
+    Messages quote what the caller sent (a model name, a label); escaped and cut, a
+    message stays one readable line and fits the client's metadata limit.
+    """
     if isinstance(error, VisionRPCError):
-        return STATUS_CODES[error.kind], error.message
+        return STATUS_CODES[error.kind], printable(error.message, DETAILS_LIMIT, raw=False)
     logger.error("unexpected error", exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
 
@@ -68,27 +69,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         repository: ModelRepository,
         *,
         stream_max_in_flight: int,
-        metrics: ServerMetrics | None = None,
+        drain: Drain | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
-        self._metrics = ServerMetrics(CollectorRegistry()) if metrics is None else metrics
+        self._drain = Drain() if drain is None else drain
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        request_id = await _exchange_request_id(context)
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
-            except asyncio.CancelledError:
-                self._finished(request, _cancellation_code(context), started, request_id)
-                raise
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                await context.abort(code, message)
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
+        try:
+            outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
+        except Exception as exc:
+            code, message = status_of(exc)
+            await abort_with_hint(context, code, message, exc)
         return response_to_proto(outcome, request.request_id)
 
     async def PredictStream(
@@ -97,26 +90,39 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """Answers requests concurrently, at most ``stream_max_in_flight`` at a time.
 
         A slot frees only once its answer is sent, so a client that stops reading
-        stops the server from reading (and working on) more of its requests.
+        stops the server from reading (and working on) more of its requests. Once the
+        server drains, the stream reads no more requests, answers the ones it has and
+        ends with UNAVAILABLE, so an idle stream does not hold the shutdown.
         """
-        request_id = await _exchange_request_id(context)
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
+        cut_by_drain = False
 
         async def answer(request: pb.PredictRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline, request_id))
+            answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
+            nonlocal cut_by_drain
             in_flight: set[asyncio.Task[None]] = set()
+            drained = asyncio.ensure_future(self._drain.started())
             try:
-                async for request in request_iterator:
+                while True:
+                    reading = asyncio.ensure_future(anext(request_iterator, None))
+                    await asyncio.wait((reading, drained), return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()
+                        cut_by_drain = True
+                        break
+                    if (request := reading.result()) is None:
+                        break
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 await asyncio.gather(*in_flight)
             finally:
+                drained.cancel()
                 for task in in_flight:
                     task.cancel()
                 answers.put_nowait(None)
@@ -129,6 +135,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await reader
         finally:
             reader.cancel()
+        if cut_by_drain:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -151,81 +159,37 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             model = self._repository.get(request.model, request.version)
         except VisionRPCError as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
-        return model_info_to_proto(model, self._repository.versions(model.name))
-
-    async def _stream_answer(
-        self, request: pb.PredictRequest, deadline: float | None, request_id: str
-    ) -> pb.PredictResponse:
-        started = time.perf_counter()
-        with self._metrics.in_flight(request.model):
-            try:
-                outcome = await self._pipeline.predict(call_from_proto(request), deadline)
-            except Exception as exc:
-                code, message = status_of(exc)
-                self._finished(request, code, started, request_id)
-                return pb.PredictResponse(
-                    model=request.model,
-                    version=request.version,
-                    request_id=request.request_id,
-                    error=pb.ErrorStatus(code=code.value[0], message=message),
-                )
-        self._finished(request, grpc.StatusCode.OK, started, request_id, outcome)
-        return response_to_proto(outcome, request.request_id)
-
-    def _finished(
-        self,
-        request: pb.PredictRequest,
-        code: grpc.StatusCode,
-        started: float,
-        request_id: str,
-        outcome: PredictOutcome | None = None,
-    ) -> None:
-        """Metrics and the access-log line of one answered request."""
-        seconds = time.perf_counter() - started
-        version = self._version_of(request) if outcome is None else str(outcome.model.version)
-        images = len(request.images)
-        self._metrics.request_finished(request.model, version, code.name, images, seconds)
-        if outcome is not None:
-            for result in outcome.results:
-                image_code = "OK"
-                if isinstance(result, VisionRPCError):
-                    image_code = STATUS_CODES[result.kind].name
-                self._metrics.image_finished(request.model, version, image_code)
-        request_log(
-            access_logger,
-            model=request.model,
-            version=version,
-            images=images,
-            status=code.name,
-            latency_seconds=seconds,
-            request_id=request_id,
+            await abort_with_hint(context, code, message, exc)
+        return model_info_to_proto(
+            model, self._repository.versions(model.name), self._pipeline.limit_for(model)
         )
 
-    def _version_of(self, request: pb.PredictRequest) -> str:
-        """The version a failed request was for: resolved when the model is known."""
+    async def _stream_answer(
+        self, request: pb.PredictRequest, deadline: float | None
+    ) -> pb.PredictResponse:
         try:
-            return str(self._repository.get(request.model, request.version).version)
-        except VisionRPCError:
-            return request.version
+            outcome = await self._pipeline.predict(call_from_proto(request), deadline)
+        except Exception as exc:
+            code, message = status_of(exc)
+            return pb.PredictResponse(
+                model=request.model,
+                version=request.version,
+                request_id=request.request_id,
+                error=pb.ErrorStatus(code=code.value[0], message=message),
+            )
+        return response_to_proto(outcome, request.request_id)
 
 
-async def _exchange_request_id(context: Context) -> str:
-    """The caller's ``x-request-id``, or a new one; echoed so both sides log the same id."""
-    sent = [value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY]
-    request_id = str(sent[0]) if sent else uuid.uuid4().hex
-    echo = ((REQUEST_ID_KEY, request_id),)
-    await context.send_initial_metadata(echo)
-    context.set_trailing_metadata(echo)
-    return request_id
-
-
-def _cancellation_code(context: Context) -> grpc.StatusCode:
-    """A handler cancelled by grpc: its deadline passed, or the caller went away."""
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        return grpc.StatusCode.DEADLINE_EXCEEDED
-    return grpc.StatusCode.CANCELLED
+async def abort_with_hint(
+    context: Context, code: grpc.StatusCode, message: str, error: Exception
+) -> None:
+    """End the call with ``code``; an error that means "not now" adds its retry hint to
+    the trailing metadata already set (the request id)."""
+    retry_after = getattr(error, "retry_after_seconds", None)
+    if retry_after is None:
+        await context.abort(code, message)
+    hint = (PUSHBACK_KEY, str(max(1, round(retry_after * 1000))))
+    await context.abort(code, message, (*(context.trailing_metadata() or ()), hint))
 
 
 def _deadline(context: Context) -> float | None:
@@ -291,7 +255,9 @@ def image_result_to_proto(outcome: ImageResult | VisionRPCError, task: str) -> p
     return converted
 
 
-def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+def model_info_to_proto(
+    model: LoadedModel, versions: list[int], max_images_per_request: int
+) -> pb.ModelInfo:
     config = model.config
     return pb.ModelInfo(
         name=config.name,
@@ -327,4 +293,5 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         config_json=config.to_json(),
         accepted_formats=list(REPORTED_FORMATS),
         accepted_extensions=list(accepted_extensions()),
+        max_images_per_request=max_images_per_request,
     )

@@ -66,9 +66,36 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     # Threads that decode and resize images.
     preprocess_workers: int = 0
+    # Images waiting for or in a decode thread, over all requests. Beyond it requests
+    # are refused (RESOURCE_EXHAUSTED) before decoding; the models' queues bound it too.
+    decode_backlog: int = 256
+    # The most images one Predict request (or one request of a stream) may carry; a
+    # model whose queue cannot hold that many with all its TTA views gets a lower limit
+    # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
+    max_images_per_request: int = 64
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
+    # Connection hygiene; 0 turns a limit off. A connection with no call open for
+    # max_connection_idle_seconds is closed. Every connection is asked to go (GOAWAY)
+    # after max_connection_age_seconds (gRPC adds up to 10% jitter), so clients behind a
+    # Kubernetes Service reconnect and spread over new replicas; its open calls then get
+    # max_connection_age_grace_seconds before it is closed.
+    max_connection_idle_seconds: float = 300.0
+    max_connection_age_seconds: float = 1800.0
+    max_connection_age_grace_seconds: float = 60.0
+    # The server pings a quiet connection every keepalive_time_seconds and closes it when
+    # no answer comes within keepalive_timeout_seconds: a peer that vanished (a half-open
+    # socket) is found instead of holding a stream forever.
+    keepalive_time_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    # Keepalive enforcement: a client pinging more often than this, or pinging while it
+    # has no call open when keepalive_permit_without_calls is off, is sent away (GOAWAY
+    # too_many_pings) after two such pings.
+    keepalive_min_ping_interval_seconds: float = 10.0
+    keepalive_permit_without_calls: str = "off"
+    # Calls one connection may have open at once; more wait in the client for a free one.
+    max_concurrent_streams: int = 1024
     # Model control (see visionrpc.server.model_manager): none reads the repository once,
     # poll rescans it every poll_interval_seconds, explicit loads what the admin API asks
     # for, starting with load_model ("*" for every model).
@@ -90,7 +117,23 @@ class ServerSettings:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.intra_op_spinning not in SWITCHES:
             raise SettingsError("intra_op_spinning must be on or off")
-        for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
+        if self.keepalive_permit_without_calls not in SWITCHES:
+            raise SettingsError("keepalive_permit_without_calls must be on or off")
+        for name in _CONNECTION_SECONDS:
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{name} must be >= 0 (0 turns it off)")
+        if self.keepalive_timeout_seconds <= 0:
+            raise SettingsError("keepalive_timeout_seconds must be positive")
+        if self.max_concurrent_streams < 1:
+            raise SettingsError("max_concurrent_streams must be at least 1")
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "stream_max_in_flight",
+            "max_images_per_request",
+            "decode_backlog",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         for name in (
@@ -143,6 +186,31 @@ class ServerSettings:
             instances=self.instances,
         )
 
+    def connection_options(self) -> list[tuple[str, int]]:
+        """The gRPC server options of the connection settings; a limit at 0 is left out."""
+        limits = {
+            "grpc.max_connection_idle_ms": self.max_connection_idle_seconds,
+            "grpc.max_connection_age_ms": self.max_connection_age_seconds,
+            "grpc.keepalive_time_ms": self.keepalive_time_seconds,
+        }
+        options = [(name, _milliseconds(seconds)) for name, seconds in limits.items() if seconds]
+        if self.max_connection_age_seconds:
+            grace = _milliseconds(self.max_connection_age_grace_seconds)
+            options.append(("grpc.max_connection_age_grace_ms", grace))
+        return [
+            *options,
+            ("grpc.keepalive_timeout_ms", _milliseconds(self.keepalive_timeout_seconds)),
+            (
+                "grpc.http2.min_ping_interval_without_data_ms",
+                _milliseconds(self.keepalive_min_ping_interval_seconds),
+            ),
+            (
+                "grpc.keepalive_permit_without_calls",
+                int(self.keepalive_permit_without_calls == "on"),
+            ),
+            ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+        ]
+
     def read_tls_files(self) -> TLSFiles | None:
         """The PEM files' contents, checked to be usable, or None for a plaintext port."""
         if self.tls_cert is None or self.tls_key is None:
@@ -178,6 +246,19 @@ class TLSFiles:
     private_key: bytes
     # Set for mutual TLS: the CA that signs the clients' certificates.
     client_ca: bytes | None
+
+
+_CONNECTION_SECONDS = (
+    "max_connection_idle_seconds",
+    "max_connection_age_seconds",
+    "max_connection_age_grace_seconds",
+    "keepalive_time_seconds",
+    "keepalive_min_ping_interval_seconds",
+)
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000)) if seconds else 0
 
 
 def _read_file(path: Path, name: str) -> bytes:

@@ -137,7 +137,11 @@ def test_health_answers_not_serving_while_models_load_then_serving(
         assert response.results[0].classification.top[0].label == "red"
         assert serve.metric('visionrpc_model_info{model="slow"') == 1.0
     log = [json.loads(line) for line in serve.stop().splitlines() if line.startswith("{")]
-    (slow,) = [entry for entry in log if entry.get("model") == "slow"]
+    (slow,) = [
+        entry
+        for entry in log
+        if entry.get("model") == "slow" and entry["logger"] == "visionrpc.server.app"
+    ]
     assert slow["message"].startswith("model slow version 1: provider CPUExecutionProvider")
     assert (slow["version"], slow["provider"], slow["max_batch_size"]) == (
         "1",
@@ -207,7 +211,11 @@ def test_sigterm_turns_health_not_serving_while_the_call_in_flight_completes(
     output, _ = serve.process.communicate(timeout=60)
     assert serve.process.returncode == 0, output
     log = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    access = [entry for entry in log if entry["logger"] == "visionrpc.access"]
+    access = [
+        entry
+        for entry in log
+        if entry["logger"] == "visionrpc.access" and entry["method"].endswith("/Predict")
+    ]
     assert [(e["request_id"], e["status"], e["model"], e["images"]) for e in access] == [
         ("drain-1", "OK", "colors", 1)
     ]

@@ -3,6 +3,7 @@ called twice."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -17,8 +18,10 @@ import pytest
 from visionrpc.server.logging_setup import (
     ACCESS_LOGGER,
     JsonFormatter,
+    RequestIdFilter,
     TextFormatter,
     configure_logging,
+    request_id,
     request_log,
 )
 
@@ -38,12 +41,14 @@ def access_log() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]
 def log_request(logger: logging.Logger) -> None:
     request_log(
         logger,
-        model="pets",
-        version="3",
-        images=4,
+        method="/visionrpc.v1.InferenceService/Predict",
         status="OK",
         latency_seconds=0.0123456,
         request_id="req-17",
+        model="pets",
+        version="3",
+        images=4,
+        failed_images=1,
     )
 
 
@@ -61,13 +66,15 @@ def test_json_access_line_carries_every_request_field(
     assert entry == {
         "level": "INFO",
         "logger": f"{ACCESS_LOGGER}.test",
-        "message": "request",
-        "model": "pets",
-        "version": "3",
-        "images": 4,
+        "message": "call",
+        "method": "/visionrpc.v1.InferenceService/Predict",
         "status": "OK",
         "latency_ms": 12.346,
         "request_id": "req-17",
+        "model": "pets",
+        "version": "3",
+        "images": 4,
+        "failed_images": 1,
     }
 
 
@@ -96,10 +103,51 @@ def test_text_access_line_reads_as_key_value_pairs(
     logger.info("plain message")
     request_line, plain_line = stream.getvalue().splitlines()
     assert request_line.endswith(
-        f"INFO {ACCESS_LOGGER}.test: request model=pets version=3 images=4 status=OK"
-        " latency_ms=12.346 request_id=req-17"
+        f"INFO {ACCESS_LOGGER}.test: call method=/visionrpc.v1.InferenceService/Predict status=OK"
+        " latency_ms=12.346 request_id=req-17 model=pets version=3 images=4 failed_images=1"
     )
     assert plain_line.endswith(f"INFO {ACCESS_LOGGER}.test: plain message")
+
+
+def test_a_text_line_stays_one_line_whatever_its_message_and_fields_hold(
+    access_log: tuple[logging.Logger, io.StringIO, logging.Handler],
+) -> None:
+    logger, stream, handler = access_log
+    handler.setFormatter(TextFormatter())
+    logger.warning("not serving %s", "pets\nINFO forged line")
+    logger.info("call", extra={"model": "a b\x1b[2J", "version": ""})
+    warning, call = stream.getvalue().splitlines()
+    assert warning.endswith("not serving pets\\x0aINFO forged line")
+    assert call.endswith('call model="a b\\x1b[2J" version=""')
+
+
+def test_records_logged_inside_a_call_carry_its_request_id() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("visionrpc.test.request_id")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    async def call(name: str) -> None:
+        request_id.set(name)
+        await asyncio.sleep(0)
+        logger.info("inside", extra={"call": name})
+
+    async def both() -> None:
+        await asyncio.gather(call("first"), call("second"))
+
+    try:
+        asyncio.run(both())
+        logger.info("outside")
+    finally:
+        logger.removeHandler(handler)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    inside = [(entry["call"], entry["request_id"]) for entry in entries[:2]]
+    assert sorted(inside) == [("first", "first"), ("second", "second")]
+    assert "request_id" not in entries[2]
 
 
 SETUP_TWICE = """

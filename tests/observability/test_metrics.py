@@ -27,7 +27,7 @@ MV = ("model", "version")
 AGREED: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
     "visionrpc_requests_total": ("counter", (*MV, "code"), None),
     "visionrpc_images_total": ("counter", (*MV, "code"), None),
-    "visionrpc_request_duration_seconds": ("histogram", MV, LATENCY),
+    "visionrpc_request_duration_seconds": ("histogram", (*MV, "code"), LATENCY),
     "visionrpc_queue_wait_seconds": ("histogram", MV, LATENCY),
     "visionrpc_preprocess_seconds": ("histogram", ("model",), LATENCY),
     "visionrpc_inference_batch_seconds": ("histogram", MV, LATENCY),
@@ -54,6 +54,15 @@ AGREED: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
     ),
     "visionrpc_tta_images_total": ("counter", MV, None),
 }
+# The names go-grpc-prometheus and py-grpc-prometheus give the standard server families.
+GRPC_METHOD = ("grpc_type", "grpc_service", "grpc_method")
+GRPC_AGREED: dict[str, tuple[str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "grpc_server_started_total": ("counter", GRPC_METHOD, None),
+    "grpc_server_handled_total": ("counter", (*GRPC_METHOD, "grpc_code"), None),
+    "grpc_server_handling_seconds": ("histogram", GRPC_METHOD, LATENCY),
+    "grpc_server_msg_received_total": ("counter", GRPC_METHOD, None),
+    "grpc_server_msg_sent_total": ("counter", GRPC_METHOD, None),
+}
 
 
 def family_name(agreed: str, kind: str) -> str:
@@ -65,7 +74,7 @@ def test_every_agreed_family_is_exposed_with_its_type_and_labels(
     exercised_exposition: str,
 ) -> None:
     families = {f.name: f for f in text_string_to_metric_families(exercised_exposition)}
-    for name, (kind, labels, _) in AGREED.items():
+    for name, (kind, labels, _) in (AGREED | GRPC_AGREED).items():
         family = families.get(family_name(name, kind))
         assert family is not None, f"{name} missing"
         assert family.type == kind, name
@@ -78,7 +87,7 @@ def test_every_agreed_family_is_exposed_with_its_type_and_labels(
 
 def test_histograms_use_the_agreed_buckets(exercised_exposition: str) -> None:
     families = {f.name: f for f in text_string_to_metric_families(exercised_exposition)}
-    for name, (_, _, buckets) in AGREED.items():
+    for name, (_, _, buckets) in (AGREED | GRPC_AGREED).items():
         if buckets is None:
             continue
         family = families[name]
@@ -147,8 +156,9 @@ def test_a_successful_request_leaves_image_counts_to_image_finished(
     get = metrics.registry.get_sample_value
     assert get("visionrpc_images_total", images | {"code": "OK"}) == 2.0
     assert get("visionrpc_images_total", images | {"code": "INVALID_ARGUMENT"}) == 1.0
-    assert get("visionrpc_request_duration_seconds_count", images) == 1.0
-    assert get("visionrpc_request_duration_seconds_sum", images) == pytest.approx(0.05)
+    ok = images | {"code": "OK"}
+    assert get("visionrpc_request_duration_seconds_count", ok) == 1.0
+    assert get("visionrpc_request_duration_seconds_sum", ok) == pytest.approx(0.05)
 
 
 def test_a_failed_request_counts_its_images_under_its_status(metrics: ServerMetrics) -> None:
@@ -176,17 +186,51 @@ def test_names_never_loaded_are_recorded_as_unknown(metrics: ServerMetrics) -> N
     )
 
 
-def test_in_flight_counts_a_request_only_inside_its_block(metrics: ServerMetrics) -> None:
+def test_in_flight_counts_a_request_from_its_start_to_its_end(metrics: ServerMetrics) -> None:
     metrics.model_loaded("pets", "1", "classification", "CPUExecutionProvider", 0.1)
 
     def in_flight() -> float | None:
         return metrics.registry.get_sample_value("visionrpc_in_flight_requests", {"model": "pets"})
 
-    with metrics.in_flight("pets"), metrics.in_flight("pets"):
-        assert in_flight() == 2.0
-    with pytest.raises(RuntimeError), metrics.in_flight("pets"):
-        raise RuntimeError("the handler failed")
+    metrics.request_started("pets")
+    metrics.request_started("pets")
+    assert in_flight() == 2.0
+    metrics.request_finished("pets", "1", "OK", images=1, seconds=0.01)
+    metrics.request_finished("pets", "1", "CANCELLED", images=1, seconds=0.01)
     assert in_flight() == 0.0
+
+
+def test_request_latency_is_kept_apart_by_status(metrics: ServerMetrics) -> None:
+    metrics.model_loaded("pets", "1", "classification", "CPUExecutionProvider", 0.1)
+    for code, seconds in (("OK", 0.004), ("OK", 0.006), ("RESOURCE_EXHAUSTED", 0.0004)):
+        metrics.request_started("pets")
+        metrics.request_finished("pets", "1", code, images=1, seconds=seconds)
+    get = metrics.registry.get_sample_value
+    ok = {"model": "pets", "version": "1", "code": "OK"}
+    refused = ok | {"code": "RESOURCE_EXHAUSTED"}
+    assert get("visionrpc_request_duration_seconds_count", ok) == 2.0
+    assert get("visionrpc_request_duration_seconds_sum", ok) == pytest.approx(0.01)
+    assert get("visionrpc_request_duration_seconds_bucket", refused | {"le": "0.0005"}) == 1.0
+
+
+def test_rpc_metrics_count_each_call_by_method_and_status(metrics: ServerMetrics) -> None:
+    predict = metrics.for_rpc("unary", "visionrpc.v1.InferenceService", "Predict")
+    get = metrics.registry.get_sample_value
+    method = {"grpc_type": "unary", "grpc_service": "visionrpc.v1.InferenceService"}
+    method["grpc_method"] = "Predict"
+    # Started at zero, so rate() sees the first call as an increase.
+    assert get("grpc_server_started_total", method) == 0.0
+    assert get("grpc_server_handled_total", method | {"grpc_code": "OK"}) == 0.0
+    for code in ("OK", "OK", "NOT_FOUND"):
+        predict.started()
+        predict.received()
+        predict.handled(code, 0.003)
+    assert get("grpc_server_started_total", method) == 3.0
+    assert get("grpc_server_handled_total", method | {"grpc_code": "OK"}) == 2.0
+    assert get("grpc_server_handled_total", method | {"grpc_code": "NOT_FOUND"}) == 1.0
+    assert get("grpc_server_handling_seconds_count", method) == 3.0
+    assert get("grpc_server_msg_received_total", method) == 3.0
+    assert get("grpc_server_msg_sent_total", method) == 0.0
 
 
 def test_model_loaded_starts_the_alerted_counters_at_zero(metrics: ServerMetrics) -> None:
@@ -207,8 +251,9 @@ def test_model_unloaded_removes_its_gauges_and_keeps_its_counters(
 ) -> None:
     metrics.model_loaded("pets", "1", "classification", "CPUExecutionProvider", 0.1)
     metrics.model_loaded("pets", "2", "classification", "CPUExecutionProvider", 0.1)
-    metrics.queue_capacity_set("pets", "1", 64)
-    metrics.queue_depth_changed("pets", "1", 3)
+    batcher = metrics.for_batcher("pets", "1")
+    batcher.queue_capacity_set(64)
+    batcher.queue_depth_changed(3)
     metrics.request_finished("pets", "1", "OK", images=1, seconds=0.01)
     metrics.model_unloaded("pets", "1")
     get = metrics.registry.get_sample_value
@@ -224,8 +269,9 @@ def test_model_unloaded_removes_its_gauges_and_keeps_its_counters(
 
 def test_batch_ran_records_size_and_duration(metrics: ServerMetrics) -> None:
     metrics.model_loaded("pets", "1", "classification", "CPUExecutionProvider", 0.1)
+    batcher = metrics.for_batcher("pets", "1")
     for size in (1, 3, 8, 8):
-        metrics.batch_ran("pets", "1", size=size, seconds=0.02)
+        batcher.batch_ran(size=size, seconds=0.02)
     get = metrics.registry.get_sample_value
     mv = {"model": "pets", "version": "1"}
     assert get("visionrpc_batch_size_sum", mv) == 20.0
@@ -265,9 +311,10 @@ def test_classification_tta_and_drops_accumulate(metrics: ServerMetrics) -> None
     for score in (0.97, 0.42):
         metrics.classification_observed("pets", "1", score)
     metrics.tta_used("pets", "1", images=3)
-    metrics.deadline_dropped("pets", "1", count=2)
-    metrics.deadline_dropped("pets", "1")
-    metrics.queue_rejected("pets", "1")
+    batcher = metrics.for_batcher("pets", "1")
+    batcher.rows_dropped(2)
+    batcher.rows_dropped(1)
+    batcher.queue_rejected()
     get = metrics.registry.get_sample_value
     mv = {"model": "pets", "version": "1"}
     assert get("visionrpc_top1_confidence_bucket", mv | {"le": "0.5"}) == 1.0

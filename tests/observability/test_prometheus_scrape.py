@@ -21,24 +21,28 @@ def drive(metrics: ServerMetrics) -> None:
     """Known traffic: 7 OK requests of 2 images, 2 INVALID_ARGUMENT, 1 unknown model."""
     metrics.model_loaded("pets", "1", "classification", "CPUExecutionProvider", 0.25)
     metrics.model_loaded("voc", "2", "multilabel", "CPUExecutionProvider", 0.5)
-    metrics.queue_capacity_set("pets", "1", 64)
-    metrics.queue_depth_changed("pets", "1", 12)
+    batcher = metrics.for_batcher("pets", "1")
+    batcher.queue_capacity_set(64)
+    batcher.queue_depth_changed(12)
     for index in range(7):
+        metrics.request_started("pets")
         metrics.request_finished("pets", "1", "OK", images=2, seconds=0.004 * (index + 1))
         for _ in range(2):
             metrics.image_finished("pets", "1", "OK")
             metrics.classification_observed("pets", "1", 0.9)
     for _ in range(2):
+        metrics.request_started("pets")
         metrics.request_finished("pets", "1", "INVALID_ARGUMENT", images=1, seconds=0.001)
+    metrics.request_started("pest")
     metrics.request_finished("pest", "1", "NOT_FOUND", images=3, seconds=0.0003)
     for size in (1, 2, 4, 4, 3):
-        metrics.batch_ran("pets", "1", size=size, seconds=0.05)
+        batcher.batch_ran(size=size, seconds=0.05)
     for count in (0, 0, 1, 3):
         metrics.multilabel_observed("voc", "2", count)
-    metrics.queue_rejected("pets", "1")
-    metrics.deadline_dropped("pets", "1", count=4)
+    batcher.queue_rejected()
+    batcher.rows_dropped(4)
     metrics.tta_used("pets", "1", images=5)
-    metrics.queue_wait_observed("pets", "1", 0.003)
+    batcher.queue_waited(0.003)
     metrics.preprocess_observed("pets", 0.002)
     metrics.model_loaded("heads", "1", "points", "CPUExecutionProvider", 0.1)
     metrics.points_observed("heads", "1", [-0.2, 0.1], [0.4, 0.6])
@@ -73,8 +77,11 @@ def test_counters_and_histograms_match_what_was_recorded(
         f'visionrpc_images_total{{{pets},code="OK"}}': 14.0,
         f'visionrpc_images_total{{{pets},code="INVALID_ARGUMENT"}}': 2.0,
         'visionrpc_images_total{model="_unknown",code="NOT_FOUND"}': 3.0,
-        f"visionrpc_request_duration_seconds_count{{{pets}}}": 9.0,
-        f'visionrpc_request_duration_seconds_bucket{{{pets},le="0.01"}}': 4.0,
+        f'visionrpc_request_duration_seconds_count{{{pets},code="OK"}}': 7.0,
+        f'visionrpc_request_duration_seconds_bucket{{{pets},code="OK",le="0.01"}}': 2.0,
+        f'visionrpc_request_duration_seconds_bucket{{{pets},code="INVALID_ARGUMENT",le="0.01"}}': (
+            2.0
+        ),
         f"visionrpc_batch_size_count{{{pets}}}": 5.0,
         f"visionrpc_batch_size_sum{{{pets}}}": 14.0,
         f'visionrpc_batch_size_bucket{{{pets},le=~"4(\\\\.0)?"}}': 5.0,
@@ -100,8 +107,11 @@ def test_gauge_changes_reach_prometheus(
 ) -> None:
     metrics, prometheus = scraped
     in_flight = 'visionrpc_in_flight_requests{model="pets"}'
-    with metrics.in_flight("pets"), metrics.in_flight("pets"):
-        prometheus.wait_for(in_flight, lambda value: value == 2.0)
+    metrics.request_started("pets")
+    metrics.request_started("pets")
+    prometheus.wait_for(in_flight, lambda value: value == 2.0)
+    for _ in range(2):
+        metrics.request_finished("pets", "1", "CANCELLED", images=0, seconds=0.001)
     prometheus.wait_for(in_flight, lambda value: value == 0.0)
     dogs = 'visionrpc_model_info{model="dogs",version="1",task="classification"}'
     metrics.model_loaded("dogs", "1", "classification", "CPUExecutionProvider", 0.1)

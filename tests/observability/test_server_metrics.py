@@ -120,7 +120,8 @@ async def test_requests_images_and_stage_timings_match_the_traffic(served: Serve
     assert get("visionrpc_images_total", **colors, code="INVALID_ARGUMENT") == 2.0
     assert get("visionrpc_images_total", **unknown, code="NOT_FOUND") == 2.0
     assert get("visionrpc_images_total", **typo, code="NOT_FOUND") == 1.0
-    assert get("visionrpc_request_duration_seconds_count", **colors) == 3.0
+    assert get("visionrpc_request_duration_seconds_count", **colors, code="OK") == 2.0
+    assert get("visionrpc_request_duration_seconds_count", **colors, code="INVALID_ARGUMENT") == 1.0
     # Only images that decoded were timed, batched and waited in the queue.
     assert get("visionrpc_preprocess_seconds_count", model="colors") == 3.0
     assert get("visionrpc_batch_size_sum", **colors) == 3.0
@@ -207,15 +208,17 @@ async def test_loaded_models_their_warm_up_and_load_failures(served: Served) -> 
     assert get("visionrpc_queue_depth", model="patient", version="1") == 0.0
 
 
-async def test_a_full_queue_is_counted_as_a_rejection(served: Served) -> None:
+async def test_more_images_than_the_queue_holds_is_the_callers_mistake_not_load(
+    served: Served,
+) -> None:
     server, stub = served
     three_images = encoded_request("patient", RED, RED, RED)
-    assert await failed_code(stub.Predict(three_images)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await failed_code(stub.Predict(three_images)) == grpc.StatusCode.INVALID_ARGUMENT
     get = reader(server)
     patient = {"model": "patient", "version": "1"}
-    assert get("visionrpc_queue_rejections_total", **patient) == 1.0
-    assert get("visionrpc_requests_total", **patient, code="RESOURCE_EXHAUSTED") == 1.0
-    assert get("visionrpc_images_total", **patient, code="RESOURCE_EXHAUSTED") == 3.0
+    assert get("visionrpc_queue_rejections_total", **patient) == 0.0
+    assert get("visionrpc_requests_total", **patient, code="INVALID_ARGUMENT") == 1.0
+    assert get("visionrpc_images_total", **patient, code="INVALID_ARGUMENT") == 3.0
     assert get("visionrpc_batch_size_count", **patient) == 0.0
 
 

@@ -17,6 +17,7 @@ from tests.helpers.onnx_models import (
 from tests.helpers.prometheus import SCRAPE_JOB, PrometheusServer, require_binary
 from tests.helpers.server import server_in_thread
 from tests.server.support import encoded_request, png, solid
+from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 RED = png(solid(255, 0, 0))
@@ -35,6 +36,15 @@ def send_known_traffic(stub: pb_grpc.InferenceServiceStub) -> None:
     stub.Predict(encoded_request("channels", BLACK, RED), timeout=30)
     streamed = [encoded_request("colors", RED, request_id=str(n)) for n in range(3)]
     assert len(list(stub.PredictStream(iter(streamed), timeout=30))) == 3
+    stub.ListModels(pb.ListModelsRequest(), timeout=30)
+
+
+HEALTH_CHECK = 'grpc_method="Check",grpc_service="grpc.health.v1.Health"'
+
+
+def grpc_method(method: str, **labels: str) -> str:
+    pairs = "".join(f',{name}="{value}"' for name, value in labels.items())
+    return f'grpc_method="{method}"{pairs}'
 
 
 def test_prometheus_stores_exactly_the_traffic_sent_through_grpc(tmp_path: Path) -> None:
@@ -58,7 +68,23 @@ def test_prometheus_stores_exactly_the_traffic_sent_through_grpc(tmp_path: Path)
                 'visionrpc_images_total{model="_unknown",code="NOT_FOUND"}': 2.0,
                 'visionrpc_requests_total{model="channels",code="OK"}': 1.0,
                 "sum(visionrpc_requests_total)": 12.0,
-                f"visionrpc_request_duration_seconds_count{{{colors}}}": 9.0,
+                f'visionrpc_request_duration_seconds_count{{{colors},code="OK"}}': 9.0,
+                f"grpc_server_started_total{{{grpc_method('Predict')}}}": 9.0,
+                f"grpc_server_handled_total{{{grpc_method('Predict', grpc_code='OK')}}}": 7.0,
+                f"grpc_server_handled_total{{{grpc_method('Predict', grpc_code='NOT_FOUND')}}}": (
+                    2.0
+                ),
+                f"grpc_server_handling_seconds_count{{{grpc_method('Predict')}}}": 9.0,
+                f"grpc_server_msg_received_total{{{grpc_method('Predict')}}}": 9.0,
+                f"grpc_server_msg_sent_total{{{grpc_method('Predict')}}}": 7.0,
+                f"grpc_server_handled_total{{{grpc_method('PredictStream', grpc_code='OK')}}}": (
+                    1.0
+                ),
+                f"grpc_server_msg_received_total{{{grpc_method('PredictStream')}}}": 3.0,
+                f"grpc_server_msg_sent_total{{{grpc_method('PredictStream')}}}": 3.0,
+                f"grpc_server_handled_total{{{grpc_method('ListModels', grpc_code='OK')}}}": 1.0,
+                # The health service's series exist before its first call.
+                f"grpc_server_started_total{{{HEALTH_CHECK}}}": 0.0,
                 'visionrpc_preprocess_seconds_count{model="colors"}': 14.0,
                 f"visionrpc_queue_wait_seconds_count{{{colors}}}": 14.0,
                 f"visionrpc_batch_size_sum{{{colors}}}": 14.0,

@@ -124,7 +124,17 @@ SAMPLE_VALUES: dict[str, object] = {
     "max_image_pixels": 8,
     "preprocess_workers": 9,
     "stream_max_in_flight": 10,
+    "decode_backlog": 32,
+    "max_images_per_request": 8,
     "shutdown_grace_seconds": 1.5,
+    "max_connection_idle_seconds": 11.5,
+    "max_connection_age_seconds": 12.0,
+    "max_connection_age_grace_seconds": 13.0,
+    "keepalive_time_seconds": 14.0,
+    "keepalive_timeout_seconds": 15.0,
+    "keepalive_min_ping_interval_seconds": 16.0,
+    "keepalive_permit_without_calls": "on",
+    "max_concurrent_streams": 17,
     "log_level": "DEBUG",
     "log_format": "json",
     "model_control": "explicit",
@@ -135,9 +145,51 @@ SAMPLE_VALUES: dict[str, object] = {
 }
 
 
+def test_connection_settings_become_grpc_server_options() -> None:
+    settings = load_settings(
+        {"keepalive_permit_without_calls": "on"},
+        {
+            "VISIONRPC_MAX_CONNECTION_IDLE_SECONDS": "0.5",
+            "VISIONRPC_MAX_CONNECTION_AGE_SECONDS": "600",
+            "VISIONRPC_MAX_CONNECTION_AGE_GRACE_SECONDS": "20",
+            "VISIONRPC_MAX_CONCURRENT_STREAMS": "100",
+        },
+    )
+    assert dict(settings.connection_options()) == {
+        "grpc.max_connection_idle_ms": 500,
+        "grpc.max_connection_age_ms": 600_000,
+        "grpc.max_connection_age_grace_ms": 20_000,
+        "grpc.keepalive_time_ms": 60_000,
+        "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.http2.min_ping_interval_without_data_ms": 10_000,
+        "grpc.keepalive_permit_without_calls": 1,
+        "grpc.max_concurrent_streams": 100,
+    }
+
+
+def test_a_connection_limit_at_zero_is_left_to_grpc() -> None:
+    options = dict(
+        ServerSettings(
+            max_connection_idle_seconds=0, max_connection_age_seconds=0, keepalive_time_seconds=0
+        ).connection_options()
+    )
+    for off in (
+        "grpc.max_connection_idle_ms",
+        "grpc.max_connection_age_ms",
+        "grpc.max_connection_age_grace_ms",
+        "grpc.keepalive_time_ms",
+    ):
+        assert off not in options
+    assert options["grpc.keepalive_permit_without_calls"] == 0
+
+
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
+        ({"VISIONRPC_MAX_CONNECTION_IDLE_SECONDS": "-1"}, "max_connection_idle_seconds"),
+        ({"VISIONRPC_KEEPALIVE_TIMEOUT_SECONDS": "0"}, "keepalive_timeout_seconds"),
+        ({"VISIONRPC_KEEPALIVE_PERMIT_WITHOUT_CALLS": "yes"}, "must be on or off"),
+        ({"VISIONRPC_MAX_CONCURRENT_STREAMS": "0"}, "max_concurrent_streams"),
         ({"VISIONRPC_PORT": "eighty"}, "VISIONRPC_PORT"),
         ({"VISIONRPC_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
         ({"VISIONRPC_LOG_FORMAT": "xml"}, "log_format"),

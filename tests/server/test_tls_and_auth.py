@@ -244,7 +244,7 @@ def trailing_request_ids(error: grpc.aio.AioRpcError) -> list[str]:
     return [value for key, value in metadata if key == "x-request-id"]
 
 
-async def test_refused_predictions_are_counted_and_access_logged_without_their_content(
+async def test_refused_calls_are_counted_and_access_logged_without_their_content(
     repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=ACCESS_LOGGER)
@@ -265,25 +265,37 @@ async def test_refused_predictions_are_counted_and_access_logged_without_their_c
         with pytest.raises(grpc.aio.AioRpcError) as streamed:
             [answer async for answer in stream]
         assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # Not a prediction: refused like the others, but neither counted nor access-logged.
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(grpc.aio.AioRpcError) as listing:
             await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+        assert listing.value.code() == grpc.StatusCode.UNAUTHENTICATED
         exposition = await asyncio.to_thread(scrape, server.metrics_port)
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(exposition)
         for sample in family.samples
     }
+    for method, kind in (("Predict", "unary"), ("PredictStream", "bidi_stream")):
+        labels = (
+            ("grpc_code", "UNAUTHENTICATED"),
+            ("grpc_method", method),
+            ("grpc_service", "visionrpc.v1.InferenceService"),
+            ("grpc_type", kind),
+        )
+        assert samples["grpc_server_handled_total", labels] == 1.0
+    # The unary request arrived (unread); the stream was refused before its first one.
     refused = (("code", "UNAUTHENTICATED"), ("model", "_unknown"), ("version", ""))
-    assert samples["visionrpc_requests_total", refused] == 2.0
-    unknown = (("model", "_unknown"), ("version", ""))
-    assert samples["visionrpc_request_duration_seconds_count", unknown] == 2.0
+    assert samples["visionrpc_requests_total", refused] == 1.0
+    assert samples["visionrpc_request_duration_seconds_count", refused] == 1.0
     served = (("code", "OK"), ("model", "colors"), ("version", "1"))
     assert samples["visionrpc_requests_total", served] == 0.0
     assert scanned not in exposition
     access = [record.__dict__ for record in caplog.records if record.name == ACCESS_LOGGER]
-    fields = [(line["model"], line["version"], line["images"], line["status"]) for line in access]
-    assert fields == [("", "", 0, "UNAUTHENTICATED")] * 2
+    assert [(line["method"].rsplit("/", 1)[1], line["status"]) for line in access] == [
+        ("Predict", "UNAUTHENTICATED"),
+        ("PredictStream", "UNAUTHENTICATED"),
+        ("ListModels", "UNAUTHENTICATED"),
+    ]
+    assert (access[0]["model"], access[0]["images"]) == ("", 0)
     assert access[0]["request_id"] == "refused-1"
     generated = access[1]["request_id"]
     assert isinstance(generated, str) and re.fullmatch(r"[0-9a-f]{32}", generated)
