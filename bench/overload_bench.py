@@ -50,6 +50,8 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server.model_config import model_config_from_dict, write_repository_entry
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The start of a phase, when all its callers send their first call at once.
+RAMP_SECONDS = 2.0
 QUEUE_SIZE = 8
 LARGE_CALLERS = 4
 MEMORY_CONCURRENCY = 64
@@ -63,13 +65,18 @@ DECODE_BACKLOG_BYTES = 128 << 20
 class Tally:
     """Every attempt's outcome and latency, by kind."""
 
+    started: float = field(default_factory=time.monotonic)
     answered: list[float] = field(default_factory=list)
     refused: dict[str, list[float]] = field(default_factory=dict)
+    # Refusals after the first RAMP_SECONDS, when every caller has made its first call.
+    refused_steady: dict[str, list[float]] = field(default_factory=dict)
     other: dict[str, int] = field(default_factory=dict)
     answered_images: int = 0
 
     def refusal(self, kind: str, seconds: float) -> None:
         self.refused.setdefault(kind, []).append(seconds)
+        if time.monotonic() - self.started > RAMP_SECONDS:
+            self.refused_steady.setdefault(kind, []).append(seconds)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -204,14 +211,16 @@ def overload_phases(seconds: float, work: Path) -> list[str]:
         f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
         f"{sum(len(v) for v in over.refused.values())} |",
         "",
-        "| refused image | refusals | p50 ms | p99 ms | target p99 |",
-        "|---|---|---|---|---|",
+        f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
+        "| target p99 |",
+        "|---|---|---|---|---|---|",
     ]
     for kind in ("small", "6000x4000"):
         times = over.refused.get(kind, [])
+        steady = over.refused_steady.get(kind, [])
         lines.append(
             f"| {kind} | {len(times)} | {percentile(times, 0.5) * ms:.1f} | "
-            f"{percentile(times, 0.99) * ms:.1f} | < 20 |"
+            f"{percentile(times, 0.99) * ms:.1f} | {percentile(steady, 0.99) * ms:.1f} | < 20 |"
         )
     lines += [
         "",
