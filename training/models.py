@@ -24,6 +24,10 @@ class WeightsNotFound(FileNotFoundError):
     """Pretrained weights were asked for but no file is available offline."""
 
 
+class UnknownArchitecture(ValueError):
+    """An --arch that is neither registered here nor a timm model."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to build a body, and where its pretrained weights would live."""
@@ -126,7 +130,9 @@ def resolve_weights(arch: str, weights: str | None) -> Path | None:
     where torchvision has weights for it).
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)}")
+        raise UnknownArchitecture(
+            f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)} or timm:NAME"
+        )
     if weights == "none":
         return None
     if weights is not None:
