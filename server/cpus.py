@@ -119,7 +119,7 @@ class ThreadPlan:
 
 
 def plan_threads(
-    cpus: int, *, intra_op_threads: int = 0, preprocess_workers: int = 0
+    cpus: int, *, on_gpu: bool = False, intra_op_threads: int = 0, preprocess_workers: int = 0
 ) -> ThreadPlan:
     """Fill the settings left at 0 from ``cpus``.
 
@@ -127,10 +127,11 @@ def plan_threads(
     leave cores idle whenever no decode is running. Decoding gets half of them (at least
     one thread): decoding a photo costs about a tenth of a ResNet-18 run, so that keeps up
     with the model, while each decode thread more is one more to preempt the model's
-    (``bench/serve_bench.py --server-flag`` compares other splits).
+    (``bench/serve_bench.py --server-flag`` compares other splits). With the model on a
+    GPU the CPUs have little else to do than decode, so decoding gets all of them.
     """
     return ThreadPlan(
         cpus=cpus,
         intra_op_threads=intra_op_threads or cpus,
-        preprocess_workers=preprocess_workers or max(1, cpus // 2),
+        preprocess_workers=preprocess_workers or (cpus if on_gpu else max(1, cpus // 2)),
     )

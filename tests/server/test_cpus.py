@@ -79,7 +79,9 @@ def test_thread_defaults_follow_the_cpus_and_explicit_settings_win(tmp_path: Pat
     assert plan.preprocess_workers == max(1, plan.cpus // 2)
     one_cpu = plan_threads(1)
     assert (one_cpu.intra_op_threads, one_cpu.preprocess_workers) == (1, 1)
-    explicit = plan_threads(8, intra_op_threads=3, preprocess_workers=5)
+    # With the model on a GPU, decoding is the CPUs' work.
+    assert plan_threads(8, on_gpu=True).preprocess_workers == 8
+    explicit = plan_threads(8, on_gpu=True, intra_op_threads=3, preprocess_workers=5)
     assert (explicit.intra_op_threads, explicit.preprocess_workers) == (3, 5)
 
 
