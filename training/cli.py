@@ -2,6 +2,7 @@
 
     visionrpc train pets --data DIR --repository DIR [--arch resnet34 --epochs 4 ...]
     visionrpc train lr-find pets --data DIR [--out lr_find.png]
+    visionrpc train inspect pets --data DIR [--out batch.png]
     visionrpc train make-data pets DIR
     visionrpc train demo --repository DIR
 
@@ -48,6 +49,14 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     add_training_arguments(lr_find, with_repository=False)
     lr_find.add_argument("--out", type=Path, default=Path("lr_find.png"), help="plot file")
     lr_find.set_defaults(handler=_lr_find)
+
+    inspect = actions.add_parser(
+        "inspect", help="what the reader finds in a dataset, and one augmented batch as a PNG"
+    )
+    inspect.add_argument("kind", choices=tuple(KINDS))
+    add_training_arguments(inspect, with_repository=False)
+    inspect.add_argument("--out", type=Path, default=Path("batch.png"), help="the batch's PNG")
+    inspect.set_defaults(handler=_inspect)
 
     make_data = actions.add_parser("make-data", help="write a small synthetic dataset")
     make_data.add_argument("kind", choices=tuple(KINDS))
@@ -134,9 +143,16 @@ def _failures() -> tuple[type[Exception], ...]:
     from .config import TrainConfigError
     from .datasets import DatasetError
     from .export import ExportParityError
-    from .models import UnknownArchitecture, WeightsNotFound
+    from .models import UnknownArchitecture, WeightsNotFound, WrongWeights
 
-    return DatasetError, WeightsNotFound, ExportParityError, TrainConfigError, UnknownArchitecture
+    return (
+        DatasetError,
+        WeightsNotFound,
+        WrongWeights,
+        ExportParityError,
+        TrainConfigError,
+        UnknownArchitecture,
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,6 +197,17 @@ def _lr_find(args: argparse.Namespace) -> int:
     for name, lr in result.suggestions.items():
         print(f"{name}: {lr:.2e}")
     print(f"plot: {args.out}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_dataset
+
+    try:
+        print(inspect_dataset(config_from_args(args), args.out))
+    except _failures() as exc:
+        print(f"visionrpc train inspect: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

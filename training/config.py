@@ -82,6 +82,12 @@ class TrainConfig:
         default=None,
         metadata=option("pretrained state dict (.pth), or 'none' for random initialisation"),
     )
+    resume: Path | None = field(
+        default=None,
+        metadata=option(
+            "checkpoint.pt of an earlier run: continue from its weights, at any --size"
+        ),
+    )
     seed: int = field(
         default=42, metadata=option("seed for the split, the order and the augmentation")
     )
@@ -106,6 +112,9 @@ class TrainConfig:
     )
     flip_p: float | None = field(
         default=None, metadata=option("chance of a horizontal flip (default 0.5)")
+    )
+    tta: bool = field(
+        default=True, metadata=option("also report the validation metric with flip TTA")
     )
     mixed_precision: bool = field(default=True, metadata=option("float16 autocast on CUDA"))
     cpu_bf16: bool = field(default=False, metadata=option("bfloat16 autocast on the CPU"))

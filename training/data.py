@@ -29,6 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from visionrpc.server.model_config import InputSpec
 from visionrpc.server.preprocess import Geometry, decode_for_model, input_geometry, prepare
+from visionrpc.server.views import IDENTITY, View
 
 from .datasets import Dataset, Item
 
@@ -69,6 +70,7 @@ class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
         cache: bool,
         random_crop: bool = False,
         seed: int = 0,
+        view: View = IDENTITY,
     ) -> None:
         self.items = list(items)
         self.spec = spec
@@ -76,6 +78,8 @@ class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
         self.classes = classes
         self.random_crop = random_crop and spec.resize_method == "crop"
         self.seed = seed
+        # A TTA view (validation only): prepared as the server prepares that view.
+        self.view = view
         self.draws: dict[int, int] = {}
         # Covering pictures are larger than the spec along one side; the budget is a guide.
         fits = len(self.items) * spec.height * spec.width * 3 <= CACHE_BYTES
@@ -94,11 +98,11 @@ class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
         """The item's pixels (covering the spec with ``random_crop``) and their geometry."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        decoded = decode_for_model(self.items[index].path.read_bytes(), self.spec)
+        decoded = decode_for_model(self.items[index].path.read_bytes(), self.spec, (self.view,))
         spec = self.spec
         if self.random_crop:
             spec = _covering(decoded.image.width, decoded.image.height, self.spec)
-        pixels, geometry = prepare(decoded, spec)
+        pixels, geometry = prepare(decoded, spec, self.view)
         # PIL's arrays are read-only, which torch tensors cannot express.
         example = torch.from_numpy(pixels.copy()), geometry
         if self.cache is not None:

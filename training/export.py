@@ -112,6 +112,7 @@ def build_config(
         input=spec,
         threshold=threshold,
         top_k=min(5, len(labels)),
+        # The views training's TTA metric measured (training.train.TTA).
         tta=TTAConfig(enabled=False, views=("flip",)),
         training=TrainingSummary(
             dataset=dataset,

@@ -38,6 +38,10 @@ class UnknownArchitecture(ValueError):
     """An --arch that is neither registered here nor a timm model."""
 
 
+class WrongWeights(ValueError):
+    """A weights file that is not a state dict of this architecture; says what it is."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """What a backbone expects: the normalisation and the input size it was trained at."""
@@ -274,7 +278,18 @@ def create_model(arch: str, n_out: int, weights_file: Path | None) -> VisionMode
     """A model with a pretrained body from ``weights_file`` (see resolve_weights), or random."""
     if weights_file is None:
         return VisionModel(arch, n_out)
-    return VisionModel(arch, n_out, body=get_architecture(arch).load_body(load_state(weights_file)))
+    state = load_state(weights_file)
+    if {"arch", "state_dict"} <= set(state):
+        raise WrongWeights(
+            f"--weights {weights_file} is a visionrpc checkpoint (of {state['arch']}), not "
+            f"pretrained weights: continue from it with --resume {weights_file}"
+        )
+    try:
+        body = get_architecture(arch).load_body(state)
+    except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshapen tensors
+        first = str(exc).strip().splitlines()[0]
+        raise WrongWeights(f"--weights {weights_file} does not fit {arch}: {first}") from None
+    return VisionModel(arch, n_out, body=body)
 
 
 def load_state(path: Path) -> dict[str, Tensor]:

@@ -85,15 +85,14 @@ def image_grid(images: Tensor, titles: Sequence[str], path: Path) -> Path:
     return _save(figure, path)
 
 
-def points_grid(images: Tensor, actual: Tensor, predicted: Tensor, path: Path) -> Path:
-    """True points in green and predicted ones in red; points are [N, K, 2] in [-1, 1]."""
+def points_grid(images: Tensor, actual: Tensor, predicted: Tensor | None, path: Path) -> Path:
+    """True points in green and predicted ones (if any) in red; [N, K, 2] in [-1, 1]."""
     figure, axes = _grid(len(images))
-    for ax, image, true_points, predicted_points in zip(
-        axes, images, actual, predicted, strict=True
-    ):
+    shown = [actual] if predicted is None else [actual, predicted]
+    for ax, image, *point_sets in zip(axes, images, *shown, strict=True):
         height, width = image.shape[:2]
         ax.imshow(image.numpy())
-        for points, colour in ((true_points, "lime"), (predicted_points, "red")):
+        for points, colour in zip(point_sets, ("lime", "red"), strict=False):
             x = (points[:, 0].float() + 1) / 2 * width
             y = (points[:, 1].float() + 1) / 2 * height
             ax.scatter(x.numpy(), y.numpy(), c=colour, s=30, marker="x")

@@ -89,6 +89,16 @@ class Task(ABC):
     @abstractmethod
     def decode_targets(self, targets: Tensor, labels: Sequence[str]) -> list[str]: ...
 
+    @abstractmethod
+    def item_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Each image's loss from the activated outputs: what ``top_losses`` ranks."""
+
+    def class_report(
+        self, outputs: Tensor, targets: Tensor, labels: Sequence[str], threshold: float
+    ) -> str | None:
+        """Precision, recall, F1 and support per class; None where the task has no classes."""
+        return None
+
 
 class Classification(Task):
     name = "classification"
@@ -136,6 +146,18 @@ class Classification(Task):
 
     def decode_targets(self, targets: Tensor, labels: Sequence[str]) -> list[str]:
         return [labels[i] for i in targets.tolist()]
+
+    def item_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        chosen = outputs.gather(1, targets.long().view(-1, 1)).squeeze(1)
+        return -torch.log(chosen.clamp_min(1e-12))
+
+    def class_report(
+        self, outputs: Tensor, targets: Tensor, labels: Sequence[str], threshold: float
+    ) -> str | None:
+        classes = torch.arange(len(labels))
+        predicted = outputs.argmax(dim=1)[:, None] == classes
+        actual = targets.long()[:, None] == classes
+        return _report(predicted, actual, labels)
 
     def plots(
         self,
@@ -200,6 +222,17 @@ class MultiLabel(Task):
     def decode_targets(self, targets: Tensor, labels: Sequence[str]) -> list[str]:
         return [_label_set(row > 0.5, labels) for row in targets]
 
+    def item_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        probabilities = outputs.clamp(1e-7, 1 - 1e-7)
+        losses = F.binary_cross_entropy(probabilities, targets.float(), reduction="none")
+        return losses.mean(dim=1)
+
+    def class_report(
+        self, outputs: Tensor, targets: Tensor, labels: Sequence[str], threshold: float
+    ) -> str | None:
+        # At the served threshold, the decisions the server makes.
+        return _report(outputs >= threshold, targets.bool(), labels)
+
     def plots(
         self,
         evaluation: Evaluation,
@@ -257,6 +290,10 @@ class Points(Task):
 
     def decode_targets(self, targets: Tensor, labels: Sequence[str]) -> list[str]:
         return self.decode(targets.reshape(len(targets), -1), labels, 0.0)
+
+    def item_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        squared = (outputs - targets.reshape(len(targets), -1)) ** 2
+        return squared.mean(dim=1)
 
     def plots(
         self,
@@ -346,6 +383,35 @@ def point_error_pixels(outputs: Tensor, targets: Tensor, geometries: Sequence[Ge
     predicted = points_to_original(outputs.reshape(len(outputs), -1, 2), geometries)
     actual = points_to_original(targets.reshape(len(targets), -1, 2), geometries)
     return float((predicted - actual).norm(dim=-1).mean())
+
+
+def top_losses(task: Task, outputs: Tensor, targets: Tensor, count: int) -> list[tuple[int, float]]:
+    """(index, loss) of the ``count`` images with the largest losses, largest first."""
+    losses = task.item_losses(outputs, targets)
+    values, indices = losses.topk(min(count, len(losses)))
+    return list(zip(indices.tolist(), values.tolist(), strict=True))
+
+
+def _report(predicted: Tensor, actual: Tensor, labels: Sequence[str]) -> str:
+    """sklearn's classification_report layout from boolean [N, C] decisions and truths."""
+    hits = (predicted & actual).sum(dim=0).double()
+    chosen, support = predicted.sum(dim=0).double(), actual.sum(dim=0).double()
+    precision = torch.where(chosen > 0, hits / chosen.clamp_min(1), 0.0)
+    recall = torch.where(support > 0, hits / support.clamp_min(1), 0.0)
+    total = precision + recall
+    f1 = torch.where(total > 0, 2 * precision * recall / total.clamp_min(1e-12), 0.0)
+    width = max(12, *(len(label) for label in labels))
+    lines = [f"{'':<{width}}  precision     recall   f1-score    support"]
+    for i, label in enumerate(labels):
+        lines.append(
+            f"{label:<{width}}  {precision[i]:9.4f}  {recall[i]:9.4f}  {f1[i]:9.4f}  "
+            f"{int(support[i]):9d}"
+        )
+    lines.append(
+        f"{'macro avg':<{width}}  {precision.mean():9.4f}  {recall.mean():9.4f}  "
+        f"{f1.mean():9.4f}  {int(support.sum()):9d}"
+    )
+    return "\n".join(lines)
 
 
 def _label_set(mask: Tensor, labels: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -23,19 +24,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import DataLoader
 
+from visionrpc.server.model_config import TTAConfig
+from visionrpc.server.views import parse_view
+
+from . import plots
 from .augment import augment_batch, augment_for_task
 from .config import TrainConfig, TrainConfigError
-from .data import DataLoaders, make_loaders
+from .data import DataLoaders, PreparedItems, make_loaders
 from .datasets import Dataset, read_dataset
 from .export import build_config, export_to_repository, serving_model
 from .kinds import get_kind
 from .learner import BatchTransform, Learner, LearnerOptions, LRFindResult, is_main_process
-from .models import create_model, get_architecture, resolve_weights
+from .models import create_model, get_architecture, model_from_checkpoint, resolve_weights
 from .plots import lr_find_curve
-from .tasks import Evaluation, Task, get_task
+from .tasks import Evaluation, Task, accuracy_multi, get_task, top_losses
 
 PARITY_BATCHES = 4
+TOP_LOSSES = 9
+# The TTA the exported config declares (export.build_config): what a served tta=True does.
+TTA = TTAConfig(views=("flip",))
 
 
 @dataclass
@@ -59,6 +68,8 @@ class Session:
     task: Task
     learner: Learner
     pretrained: bool
+    # Continues an earlier run (--resume): its weights, trained unfrozen.
+    resumed: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,9 +85,11 @@ def open_session(config: TrainConfig) -> Session:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
-    weights_file = resolve_weights(config.arch_name, config.weights)
+    resumed = _resumed_checkpoint(config)
+    arch = resumed["arch"] if resumed else config.arch_name
+    weights_file = None if resumed else resolve_weights(arch, config.weights)
     dataset = read_dataset(config.kind, config.data, **config.reader_options())
-    size = input_size(config)
+    size = input_size(config, arch)
     loaders = make_loaders(
         dataset,
         size=size,
@@ -92,13 +105,22 @@ def open_session(config: TrainConfig) -> Session:
         raise TrainConfigError(f"--mixup does not apply to the {task.name} task")
     if config.label_smoothing and task.name != "classification":
         raise TrainConfigError("--label-smoothing applies to classification only")
-    model = create_model(config.arch_name, task.n_outputs(len(dataset.vocab)), weights_file)
+    if resumed:
+        if (resumed["task"], resumed["labels"]) != (task.name, list(dataset.vocab)):
+            raise TrainConfigError(
+                f"--resume {config.resume}: its model predicts {resumed['task']} of "
+                f"{len(resumed['labels'])} labels, this {config.kind} dataset "
+                f"{task.name} of {len(dataset.vocab)}"
+            )
+        model = model_from_checkpoint(resumed)
+    else:
+        model = create_model(arch, task.n_outputs(len(dataset.vocab)), weights_file)
     learner = Learner(
         model,
         loaders,
         task,
         device=device,
-        augment=_augmenter(config, dataset.task, size),
+        augment=augmenter(config, dataset.task, size),
         options=LearnerOptions(
             label_smoothing=config.label_smoothing,
             mixup=config.mixup,
@@ -108,7 +130,39 @@ def open_session(config: TrainConfig) -> Session:
         ),
         seed=config.seed,
     )
-    return Session(config, dataset, loaders, task, learner, pretrained=weights_file is not None)
+    return Session(
+        config,
+        dataset,
+        loaders,
+        task,
+        learner,
+        pretrained=weights_file is not None,
+        resumed=resumed is not None,
+    )
+
+
+def _resumed_checkpoint(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` names, checked against the other options."""
+    if config.resume is None:
+        return None
+    if config.weights is not None:
+        raise TrainConfigError("--resume starts from its checkpoint: leave out --weights")
+    try:
+        checkpoint: dict[str, Any] = torch.load(
+            config.resume, map_location="cpu", weights_only=True
+        )
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise TrainConfigError(f"--resume {config.resume}: cannot read it: {exc}") from None
+    if not {"arch", "n_out", "state_dict", "task", "labels"} <= set(checkpoint):
+        raise TrainConfigError(
+            f"--resume {config.resume}: not a visionrpc checkpoint.pt (pretrained weights go "
+            "to --weights)"
+        )
+    if config.arch is not None and config.arch != checkpoint["arch"]:
+        raise TrainConfigError(
+            f"--resume {config.resume} holds a {checkpoint['arch']} model, not --arch {config.arch}"
+        )
+    return checkpoint
 
 
 def find_lr(session: Session) -> LRFindResult:
@@ -129,8 +183,13 @@ def train(config: TrainConfig) -> TrainResult:
         lr = found.suggestion
     else:
         lr = config.lr
-    learner.log(f"{config.kind}: {config.arch_name}, lr {lr:.2e}, {_data_summary(session)}")
-    if session.pretrained:
+    arch = session.learner.model.arch
+    resumed = f" (resumed from {config.resume})" if session.resumed else ""
+    learner.log(f"{config.kind}: {arch}{resumed}, lr {lr:.2e}, {_data_summary(session)}")
+    if session.resumed:
+        # fastai's progressive resizing: the trained model goes on, unfrozen, at this size.
+        learner.fine_tune(config.epochs, lr, freeze_epochs=0)
+    elif session.pretrained:
         learner.fine_tune(config.epochs, lr, freeze_epochs=config.freeze_epochs)
     else:
         # A random body has nothing worth protecting by freezing it.
@@ -144,6 +203,13 @@ def train(config: TrainConfig) -> TrainResult:
     )
     metrics = {**evaluation.metrics, "valid_loss": predictions.loss}
     learner.log("validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    if config.tta:
+        with_tta = tta_metrics(session, predictions.outputs, predictions.targets, evaluation)
+        learner.log(
+            f"validation with TTA (identity + {', '.join(TTA.views)}, beta {TTA.beta}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in with_tta.items())
+        )
+        metrics.update({f"{name}_tta": value for name, value in with_tta.items()})
     for actual, predicted, count in evaluation.most_confused[:5]:
         learner.log(f"most confused: {actual} -> {predicted} ({count})")
     version_dir = None
@@ -173,13 +239,14 @@ def _publish(
         dataset=str(config.data),
         dataset_kind=config.kind,
         dataset_options={k: v for k, v in config.reader_options().items() if k != "strict"},
-        arch=config.arch_name,
+        arch=model.arch,
     )
     with tempfile.TemporaryDirectory(prefix="visionrpc-train-") as work:
         work_dir = Path(work)
         plot_dir = work_dir / "plots"
         images, targets = _first_valid_images(session.loaders, 16)
         task.plots(evaluation, images, outputs, targets, session.dataset.vocab, plot_dir)
+        _classifier_reports(session, evaluation, outputs, plot_dir)
         if found is not None:
             lr_find_curve(found.lrs, found.losses, found.suggestions, plot_dir / "lr_find.png")
         checkpoint = {
@@ -205,19 +272,19 @@ def _publish(
     return version_dir
 
 
-def input_size(config: TrainConfig) -> tuple[int, int]:
+def input_size(config: TrainConfig, arch: str | None = None) -> tuple[int, int]:
     """``--size``, else the kind's default at the height the backbone was trained at."""
     if config.size is not None:
         return config.size
     height, width = get_kind(config.kind).default_size
-    trained = get_architecture(config.arch_name).preprocessing.input_size
+    trained = get_architecture(arch or config.arch_name).preprocessing.input_size
     if trained is None:
         return height, width
     # The kind's shape (BIWI's 4:3 keeps every head in view) at the backbone's scale.
     return trained[0], round(width * trained[0] / height)
 
 
-def _augmenter(config: TrainConfig, task: str, size: tuple[int, int]) -> BatchTransform:
+def augmenter(config: TrainConfig, task: str, size: tuple[int, int]) -> BatchTransform:
     try:
         augment_config = augment_for_task(
             task,
@@ -240,6 +307,67 @@ def _augmenter(config: TrainConfig, task: str, size: tuple[int, int]) -> BatchTr
         return augment_batch(images, points, augment_config, generator)
 
     return augment
+
+
+def tta_metrics(
+    session: Session, outputs: Tensor, targets: Tensor, evaluation: Evaluation
+) -> dict[str, float]:
+    """The task's metric on the server's TTA: identity and flip views, blended as it blends.
+
+    The server decodes once, prepares a flipped view and mixes ``lerp(mean(views), plain,
+    beta)``; the same views through the same ``prepare`` here give the number a served
+    ``tta=True`` request scores.
+    """
+    task, spec = session.task, session.loaders.spec
+    views = [parse_view(name, zoom=TTA.zoom) for name in TTA.views]
+    augmented = []
+    for view in views:
+        items = PreparedItems(
+            session.dataset.valid,
+            spec,
+            task.name,
+            len(session.dataset.vocab),
+            cache=False,
+            view=view,
+        )
+        loader = DataLoader(items, batch_size=session.config.bs)
+        viewed = session.learner.predict(loader).outputs
+        if task.name == "points" and view.flip:
+            # A point at u in the flipped picture is at -u in the plain one (same crop box).
+            viewed = (viewed.reshape(len(viewed), -1, 2) * torch.tensor([-1.0, 1.0])).flatten(1)
+        if task.name == "points" and view.zoom != 1.0:
+            raise TrainConfigError("TTA of points at validation takes flips only")
+        augmented.append(viewed)
+    blended = (1 - TTA.beta) * torch.stack(augmented).mean(dim=0) + TTA.beta * outputs
+    geometries = session.loaders.valid_geometries
+    if task.name == "multilabel":
+        return {"accuracy_multi": accuracy_multi(blended, targets, evaluation.threshold)}
+    return task.epoch_metrics(blended, targets, geometries)
+
+
+def _classifier_reports(
+    session: Session, evaluation: Evaluation, outputs: Tensor, plot_dir: Path
+) -> None:
+    """fastai's plot_top_losses and a per-class report, for the two classifier tasks."""
+    task, labels = session.task, session.dataset.vocab
+    targets = torch.cat([t for _, t in session.loaders.valid])
+    report = task.class_report(outputs, targets, labels, evaluation.threshold)
+    if report is None:
+        return
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    (plot_dir / "class_report.txt").write_text(report + "\n")
+    session.learner.log(report)
+    worst = top_losses(task, outputs, targets, TOP_LOSSES)
+    valid_items = session.loaders.valid.dataset
+    images = torch.stack([valid_items[index][0] for index, _ in worst])
+    picked = torch.tensor([index for index, _ in worst])
+    truth = task.decode_targets(targets[picked], labels)
+    predicted = task.decode(outputs[picked], labels, evaluation.threshold)
+    titles = [
+        f"{t}\n-> {p}\nloss {loss:.2f}"
+        for t, p, (_, loss) in zip(truth, predicted, worst, strict=True)
+    ]
+    plots.image_grid(images, titles, plot_dir / "top_losses.png")
 
 
 def _first_valid_images(loaders: DataLoaders, count: int) -> tuple[Tensor, Tensor]:

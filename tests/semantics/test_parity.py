@@ -209,6 +209,19 @@ def test_served_metric_without_tta_equals_the_one_training_recorded(
     assert value == pytest.approx(trained.config.training.metrics[name], abs=tolerance)
 
 
+@pytest.mark.parametrize(("kind", "tolerance"), [("pets", 1e-6), ("voc", 1e-6), ("biwi", 0.05)])
+def test_served_metric_with_tta_equals_trainings_tta_metric(
+    served: Served, kind: str, tolerance: float
+) -> None:
+    trained = served.models[kind]
+    with Client(served.address) as client:
+        info = client.model_info(trained.config.name)
+        run = evaluate_served(client, info, trained.dataset, tta=True)
+    (name, value), *_ = run.metrics.items()
+    assert run.failed == [] and run.views == 2
+    assert value == pytest.approx(trained.config.training.metrics[f"{name}_tta"], abs=tolerance)
+
+
 def test_evaluate_finds_the_dataset_kind_in_the_training_summary(
     served: Served, capsys: pytest.CaptureFixture[str]
 ) -> None:

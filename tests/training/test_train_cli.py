@@ -13,7 +13,7 @@ import torch
 
 from visionrpc.cli import main
 from visionrpc.server.model_config import ModelConfig, load_model_config, model_versions
-from visionrpc.server.preprocess import load_image, prepare
+from visionrpc.server.preprocess import decode_for_model, load_image, prepare
 from visionrpc.training.export import serving_model
 from visionrpc.training.models import ARCHITECTURES, create_model, model_from_checkpoint
 from visionrpc.training.synthetic import make_dataset
@@ -48,7 +48,13 @@ def test_make_data_then_train_pets_writes_a_model_that_matches_its_checkpoint(
     assert {p.name for p in (version / "plots").iterdir()} == {
         "predictions.png",
         "confusion_matrix.png",
+        "top_losses.png",
+        "class_report.txt",
     }
+    report = (version / "plots" / "class_report.txt").read_text()
+    assert all(label in report for label in config.labels) and "precision" in report
+    # The TTA figure sits beside the plain one.
+    assert 0.0 <= config.training.metrics["error_rate_tta"] <= 1.0
     # The checkpoint rebuilds the exported model: same answer for a real file.
     checkpoint = torch.load(version / "checkpoint.pt", weights_only=True)
     serving = serving_model(model_from_checkpoint(checkpoint), get_task(checkpoint["task"]))
@@ -73,7 +79,9 @@ def test_train_voc_stores_the_threshold_its_sweep_chose(tmp_path: Path) -> None:
     assert config.threshold == config.training.metrics["threshold"]
     assert round(config.threshold / 0.05) * 0.05 == pytest.approx(config.threshold)
     assert 0.05 <= config.threshold <= 0.95
-    assert (tmp_path / "repo" / "voc" / "1" / "plots" / "threshold_sweep.png").is_file()
+    plots = tmp_path / "repo" / "voc" / "1" / "plots"
+    assert (plots / "threshold_sweep.png").is_file() and (plots / "top_losses.png").is_file()
+    assert "accuracy_multi_tta" in config.training.metrics
 
 
 def test_train_biwi_without_a_rate_runs_lr_find_and_plots_points(tmp_path: Path) -> None:
@@ -87,6 +95,7 @@ def test_train_biwi_without_a_rate_runs_lr_find_and_plots_points(tmp_path: Path)
     assert config.training.metrics["point_error_px"] > 0
     plots = {p.name for p in (tmp_path / "repo" / "heads" / "1" / "plots").iterdir()}
     assert plots == {"points.png", "lr_find.png"}
+    assert config.training.metrics["point_error_px_tta"] > 0
 
 
 def test_lr_find_prints_its_suggestions_and_writes_the_plot(
@@ -232,3 +241,73 @@ def test_a_missing_module_names_the_extra_that_brings_it(
     )
     assert result.returncode == 2, result.stderr
     assert f"pip install 'visionrpc[{extra}]'" in result.stderr
+
+
+def test_resume_continues_from_a_checkpoint_at_a_new_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=3, per_breed=6)
+    repository = tmp_path / "repo"
+    argv = ["train", "pets", "--data", str(data), "--repository", str(repository)]
+    assert main([*argv, *TINY, "--size", "24", "--epochs", "1", "--lr", "1e-2", "--no-tta"]) == 0
+    first = repository / "pets" / "1" / "checkpoint.pt"
+    # Zero further epochs: version 2 is version 1's model, exported at the new size.
+    resume = ["--resume", str(first), "--size", "32", "--epochs", "0", "--lr", "1e-2"]
+    assert main([*argv, "--bs", "16", "--quiet", *resume]) == 0
+    assert f"resumed from {first}" in capsys.readouterr().out
+    config = read_config(repository, "pets")
+    assert (config.input.height, config.input.width) == (32, 32)
+    before = serving_model(
+        model_from_checkpoint(torch.load(first, weights_only=True)), get_task("classification")
+    )
+    image_file = next((data / "images").glob("*.jpg"))
+    pixels, _ = prepare(decode_for_model(image_file.read_bytes(), config.input), config.input)
+    session = ort.InferenceSession(
+        str(repository / "pets" / "2" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (served,) = session.run(None, {"images": pixels[None]})
+    with torch.no_grad():
+        expected = before(torch.from_numpy(pixels.copy())[None]).numpy()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_a_checkpoint_given_as_weights_or_a_mismatched_resume_is_refused_clearly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=3, per_breed=6)
+    repository = tmp_path / "repo"
+    argv = ["train", "pets", "--data", str(data), "--repository", str(repository)]
+    quick = ["--size", "24", "--bs", "16", "--epochs", "1", "--lr", "1e-2", "--quiet"]
+    assert main([*argv, *TINY, *quick, "--no-tta"]) == 0
+    checkpoint = repository / "pets" / "1" / "checkpoint.pt"
+    assert main([*argv, "--arch", "tiny", "--weights", str(checkpoint), *quick]) == 1
+    error = capsys.readouterr().err
+    assert "is a visionrpc checkpoint (of tiny), not pretrained weights" in error
+    assert f"--resume {checkpoint}" in error and "Traceback" not in error
+    other = make_dataset("pets", tmp_path / "other", breeds=4, per_breed=4)
+    argv_other = ["train", "pets", "--data", str(other), "--repository", str(repository)]
+    assert main([*argv_other, "--resume", str(checkpoint), *quick]) == 1
+    assert "of 3 labels, this pets dataset classification of 4" in capsys.readouterr().err
+
+
+def test_inspect_reports_counts_and_skips_and_draws_an_augmented_batch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("biwi", tmp_path / "biwi", people=3, frames_per_person=4)
+    broken = sorted((data / "13").glob("*_rgb.jpg"))[0]
+    broken.write_bytes(broken.read_bytes()[:200])
+    out = tmp_path / "batch.png"
+    argv = ["train", "inspect", "biwi", "--data", str(data), "--size", "24x32", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "8 training and 3 validation images; validation split: person 13" in printed
+    lines = {
+        line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.startswith("  ")
+    }
+    assert lines["13"] == ["0", "3"]
+    assert f"{broken}: not a decodable image" in printed
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    pets = make_dataset("pets", tmp_path / "pets", breeds=2, per_breed=5)
+    assert main(["train", "inspect", "pets", "--data", str(pets), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "label" in printed and "skipped no files" in printed

@@ -1,0 +1,296 @@
+"""visionrpc's training against fastai 2.8.12's, side by side: metric and img/s per task.
+
+    .venv/bin/python bench/train_vs_fastai.py                      # small: a few minutes
+    .venv/bin/python bench/train_vs_fastai.py --size 128 --epochs 4 --seeds 0 1
+
+The first run makes a venv for fastai (``--venv``, default ``.cache/fastai-venv``) whose
+``.pth`` file puts this interpreter's packages (torch 2.14.1 among them) behind its own,
+and pip installs fastai==2.8.12 there; visionrpc's venv never sees fastai.
+
+Both train on the same synthetic datasets (training.synthetic) with the same split, the
+same resnet18 random-init weights (one saved state dict per seed, loaded into both
+bodies), the same sizes (presize 1.5x, then the batch augmentation), batch size,
+``fine_tune`` schedule (one frozen epoch, then ``--epochs``) and learning rate; fastai
+normalises with ImageNet's statistics (``Normalize.from_stats``), as visionrpc does, and
+BIWI uses ``min_scale=1`` on both sides. img/s counts training steps only (no validation).
+Metrics: pets error_rate, voc accuracy_multi at threshold 0.5, biwi mean point error in
+original pixels (lower is better except accuracy_multi).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sysconfig
+import tempfile
+import time
+import venv
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+from visionrpc.training.config import TrainConfig
+from visionrpc.training.datasets import Dataset
+from visionrpc.training.synthetic import make_dataset
+from visionrpc.training.train import open_session
+
+FASTAI = "fastai==2.8.12"
+DATA_OPTIONS: dict[str, dict[str, int]] = {
+    "pets": {"breeds": 6, "per_breed": 30},
+    "voc": {"images": 240},
+    "biwi": {"people": 4, "frames_per_person": 40},
+}
+METRIC = {"pets": "error_rate", "voc": "accuracy_multi", "biwi": "point_error_px"}
+HIGHER_IS_BETTER = {"pets": False, "voc": True, "biwi": False}
+
+# Runs in the fastai venv: reads a JSON job, trains, prints one JSON line of results.
+FASTAI_SCRIPT = r"""
+import json, sys, time
+import torch
+from fastai.vision.all import *
+
+job = json.loads(open(sys.argv[1]).read())
+torch.set_num_threads(job["threads"])
+torch.manual_seed(job["seed"])
+kind, size, presize = job["kind"], tuple(job["size"]), tuple(job["presize"])
+rows = job["items"]
+if kind == "pets":
+    blocks, get_y = (ImageBlock, CategoryBlock), lambda r: r["label"]
+elif kind == "voc":
+    blocks, get_y = (ImageBlock, MultiCategoryBlock), lambda r: r["labels"]
+else:
+    blocks, get_y = (ImageBlock, PointBlock), lambda r: tensor([r["point"]])
+split = lambda items: (
+    [i for i, r in enumerate(items) if not r["valid"]],
+    [i for i, r in enumerate(items) if r["valid"]],
+)
+item_tfms = [] if kind == "biwi" else [Resize(presize)]
+block = DataBlock(
+    blocks=blocks, get_items=lambda _: rows, get_x=lambda r: r["path"], get_y=get_y,
+    splitter=split, item_tfms=item_tfms,
+    batch_tfms=[*aug_transforms(size=size, min_scale=job["min_scale"]),
+                Normalize.from_stats(*imagenet_stats)],
+)
+dls = block.dataloaders(None, bs=job["bs"], num_workers=0)
+metrics = {"pets": [error_rate], "voc": [partial(accuracy_multi, thresh=0.5)], "biwi": []}[kind]
+learn = vision_learner(dls, resnet18, pretrained=False, metrics=metrics,
+                       y_range=(-1, 1) if kind == "biwi" else None)
+state = torch.load(job["weights"], weights_only=True)
+names = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+body = {f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
+        for k, v in state.items() if k.split(".")[0] in names}
+learn.model[0].load_state_dict(body)
+
+class Clock(Callback):
+    seconds, images = 0.0, 0
+    def before_batch(self):
+        if self.training: self.started = time.perf_counter()
+    def after_batch(self):
+        if self.training:
+            self.seconds += time.perf_counter() - self.started
+            self.images += len(self.xb[0])
+
+clock = Clock()
+learn.add_cb(clock)
+learn.fine_tune(job["epochs"], base_lr=job["lr"], freeze_epochs=1)
+preds, targs = learn.get_preds()
+if kind == "pets":
+    metric = float((preds.argmax(dim=1) != targs).float().mean())
+elif kind == "voc":
+    metric = float(((preds >= 0.5) == targs.bool()).float().mean())
+else:
+    # Normalised to the (unpresized, same-aspect) frame: half-widths to original pixels.
+    half = tensor([job["original"][0] / 2, job["original"][1] / 2])
+    metric = float(((preds.view(-1, 2) - targs.view(-1, 2)) * half).norm(dim=-1).mean())
+print(json.dumps({"metric": metric, "img_s": clock.images / clock.seconds}))
+"""
+
+
+def fastai_python(venv_dir: Path) -> Path:
+    """The fastai venv's interpreter, made and filled on first use."""
+    python = venv_dir / "bin" / "python"
+    if python.exists():
+        check = subprocess.run([str(python), "-c", "import fastai"], capture_output=True)
+        if check.returncode == 0:
+            return python
+    venv.create(venv_dir, with_pip=True)
+    purelib = sysconfig.get_paths()["purelib"]
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # torch and friends from this venv, behind whatever fastai installs for itself.
+    (Path(site) / "visionrpc-torch.pth").write_text(purelib + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", FASTAI], check=True)
+    return python
+
+
+def items_for_fastai(kind: str, dataset: Dataset) -> list[dict[str, Any]]:
+    """visionrpc's split, item by item, so that both train and validate on the same files."""
+    rows = []
+    for valid, items in ((False, dataset.train), (True, dataset.valid)):
+        for item in items:
+            row: dict[str, Any] = {"path": str(item.path), "valid": valid}
+            if kind == "pets":
+                assert isinstance(item.target, int)
+                row["label"] = dataset.vocab[item.target]
+            elif kind == "voc":
+                assert isinstance(item.target, tuple)
+                row["labels"] = [dataset.vocab[int(i)] for i in item.target]
+            else:
+                assert isinstance(item.target, tuple)
+                row["point"] = [float(v) for v in item.target]
+            rows.append(row)
+    return rows
+
+
+def run_visionrpc(
+    kind: str, data: Path, weights: Path, seed: int, args: argparse.Namespace
+) -> tuple[dict[str, float], Dataset]:
+    size = size_of(kind, args.size)
+    config = TrainConfig(
+        kind=kind,
+        data=data,
+        repository=Path("unused"),
+        arch="resnet18",
+        weights=str(weights),
+        size=size,
+        bs=args.bs,
+        epochs=args.epochs,
+        freeze_epochs=1,
+        lr=args.lr,
+        seed=seed,
+        device="cpu",
+        quiet=True,
+        tta=False,
+    )
+    session = open_session(config)
+    learner = session.learner
+    learner.fine_tune(args.epochs, args.lr, freeze_epochs=1)
+    predictions = learner.predict(session.loaders.valid)
+    evaluation = session.task.evaluate(
+        predictions.outputs,
+        predictions.targets,
+        session.loaders.valid_geometries,
+        session.dataset.vocab,
+    )
+    metric = "accuracy_multi_at_0.5" if kind == "voc" else METRIC[kind]
+    images = sum(r.train_images for r in learner.history)
+    seconds = sum(r.train_seconds for r in learner.history)
+    return {"metric": evaluation.metrics[metric], "img_s": images / seconds}, session.dataset
+
+
+def run_fastai(
+    python: Path,
+    kind: str,
+    dataset: Dataset,
+    weights: Path,
+    seed: int,
+    args: argparse.Namespace,
+    scratch: Path,
+) -> dict[str, float]:
+    size = size_of(kind, args.size)
+    job = {
+        "kind": kind,
+        "items": items_for_fastai(kind, dataset),
+        "size": size,
+        "presize": [round(side * 1.5) for side in size],
+        "min_scale": 1.0 if kind == "biwi" else 0.75,
+        "bs": args.bs,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "weights": str(weights),
+        "original": [640, 480],
+    }
+    job_file = scratch / f"fastai-{kind}-{seed}.json"
+    job_file.write_text(json.dumps(job))
+    script = scratch / "fastai_side.py"
+    script.write_text(FASTAI_SCRIPT)
+    result = subprocess.run(
+        [str(python), str(script), str(job_file)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"fastai run failed:\n{result.stderr[-3000:]}")
+    values: dict[str, float] = json.loads(result.stdout.strip().splitlines()[-1])
+    return values
+
+
+def size_of(kind: str, side: int) -> tuple[int, int]:
+    return (side * 3 // 4, side) if kind == "biwi" else (side, side)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(DATA_OPTIONS), choices=DATA_OPTIONS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--size", type=int, default=64, help="input side (biwi: 3/4 high)")
+    parser.add_argument("--epochs", type=int, default=3, help="after the frozen one")
+    parser.add_argument("--bs", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--venv", type=Path, default=Path(".cache/fastai-venv"))
+    args = parser.parse_args()
+    python = fastai_python(args.venv.resolve())
+    results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="visionrpc-vs-fastai-") as work:
+        scratch = Path(work)
+        for kind in args.tasks:
+            data = make_dataset(kind, scratch / kind, **DATA_OPTIONS[kind])
+            for seed in args.seeds:
+                torch.manual_seed(seed)
+                weights = scratch / f"resnet18-seed{seed}.pth"
+                torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
+                ours, dataset = run_visionrpc(kind, data, weights, seed, args)
+                theirs = run_fastai(python, kind, dataset, weights, seed, args, scratch)
+                results[(kind, seed)] = {"visionrpc": ours, "fastai": theirs}
+                print(f"{kind} seed {seed}: visionrpc {ours}, fastai {theirs}", flush=True)
+    print(
+        f"\n{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"{FASTAI}; resnet18 random init (one state dict per seed for both), "
+        f"size {args.size} (biwi {size_of('biwi', args.size)}), bs {args.bs}, "
+        f"fine_tune 1 frozen + {args.epochs} epochs, lr {args.lr:g}"
+    )
+    header = f"{'task':<6}{'metric':<16}{'seed':>6}{'visionrpc':>11}{'fastai':>9}"
+    print(header + f"{'img/s ours':>12}{'img/s fastai':>14}{'speed ratio':>13}")
+    for kind in args.tasks:
+        rows = [results[(kind, seed)] for seed in args.seeds]
+        for seed, row in zip(args.seeds, rows, strict=True):
+            ours, theirs = row["visionrpc"], row["fastai"]
+            print(
+                f"{kind:<6}{METRIC[kind]:<16}{seed:>6}{ours['metric']:>11.4f}"
+                f"{theirs['metric']:>9.4f}{ours['img_s']:>12.1f}{theirs['img_s']:>14.1f}"
+                f"{ours['img_s'] / theirs['img_s']:>12.2f}x"
+            )
+        mean = {
+            side: {k: statistics.mean(r[side][k] for r in rows) for k in ("metric", "img_s")}
+            for side in ("visionrpc", "fastai")
+        }
+        ours, theirs = mean["visionrpc"], mean["fastai"]
+        better = ours["metric"] >= theirs["metric"]
+        if not HIGHER_IS_BETTER[kind]:
+            better = ours["metric"] <= theirs["metric"]
+        print(
+            f"{kind:<6}{'mean':<16}{'':>6}{ours['metric']:>11.4f}{theirs['metric']:>9.4f}"
+            f"{ours['img_s']:>12.1f}{theirs['img_s']:>14.1f}"
+            f"{ours['img_s'] / theirs['img_s']:>12.2f}x   "
+            f"metric {'at least as good' if better else 'WORSE'} than fastai's"
+        )
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - started:.0f} s")
