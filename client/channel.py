@@ -2,7 +2,11 @@
 
 Retries are gRPC's own (a ``retryPolicy`` in the channel's service config), so they
 also apply to calls made by other code on the same channel, stay inside each call's
-deadline, and never repeat a stream once the server has answered part of it.
+deadline, and never repeat a stream once the server has answered part of it. gRPC
+obeys the server's ``grpc-retry-pushback-ms`` hint (the visionrpc server sends it with
+RESOURCE_EXHAUSTED and while it loads) in place of its own backoff, and the config's
+``retryThrottling`` stops retrying while most calls on the channel fail, so retries
+cannot multiply an overload.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class RetryPolicy:
     initial_backoff: float = 0.2
     max_backoff: float = 2.0
     backoff_multiplier: float = 2.0
+    # gRPC's retry throttling, per channel: each retryable failure takes a token, each
+    # success gives back ``throttle_token_ratio``; below half of ``throttle_max_tokens``
+    # no call is retried. 100 lets a burst of refusals (a restart, a short overload) be
+    # retried, yet stops retries once failures outnumber successes ten to one.
+    throttle_max_tokens: int = 100
+    throttle_token_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.max_attempts not in _MAX_ATTEMPTS_RANGE:
@@ -51,6 +61,11 @@ class RetryPolicy:
             raise ValueError("backoffs must satisfy 0 < initial_backoff <= max_backoff")
         if self.backoff_multiplier < 1:
             raise ValueError("backoff_multiplier must be at least 1")
+        # gRPC refuses a service config outside these.
+        if not 0 < self.throttle_max_tokens <= 1000:
+            raise ValueError("throttle_max_tokens must be between 1 and 1000")
+        if not self.throttle_token_ratio > 0:
+            raise ValueError("throttle_token_ratio must be positive")
 
     def to_service_config(self) -> dict[str, Any]:
         """The ``retryPolicy`` object of a gRPC service config."""
@@ -60,6 +75,13 @@ class RetryPolicy:
             "maxBackoff": f"{self.max_backoff}s",
             "backoffMultiplier": self.backoff_multiplier,
             "retryableStatusCodes": list(RETRYABLE_STATUS_CODES),
+        }
+
+    def to_throttling_config(self) -> dict[str, Any]:
+        """The ``retryThrottling`` object of a gRPC service config."""
+        return {
+            "maxTokens": self.throttle_max_tokens,
+            "tokenRatio": round(self.throttle_token_ratio, 3),
         }
 
 
@@ -119,6 +141,7 @@ def service_config(retries: RetryPolicy | None, load_balancing: LoadBalancing) -
                 "retryPolicy": retries.to_service_config(),
             }
         ]
+        config["retryThrottling"] = retries.to_throttling_config()
     return json.dumps(config)
 
 

@@ -11,9 +11,10 @@ turns health SERVING, and with ``--model-control poll`` keeps rescanning the rep
 (``ModelControlService`` is added only with ``--model-control-api on``). Listening first
 lets orchestrators see a live process that is not ready yet (instead of a refused
 connection) while models load, and scrape it meanwhile.
-On a signal: health turns NOT_SERVING and health watches end once told so, new calls
-are refused, in-flight calls get ``shutdown_grace_seconds`` to finish, then the batchers
-close.
+On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
+health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
+calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
+the gRPC server stop, and the batchers close.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
 from .cpus import plan_threads, usable_cpus
+from .drain import Drain, DrainInterceptor
 from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .interceptors import ObservabilityInterceptor
@@ -74,14 +77,27 @@ class RunningApp:
     models: ModelManager
     health: HealthServicer
     metrics: ServerMetrics
+    drain: Drain
     _decode_executor: ThreadPoolExecutor
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuse new calls, give in-flight ones the grace period, then release everything."""
+        """Refuse new calls, let the ones in handlers finish within the grace, then stop.
+
+        ``server.stop`` comes last because it cancels the calls gRPC holds but has not
+        handed to a handler yet; by then the drain has answered every one of ours.
+        """
+        deadline = time.monotonic() + grace_seconds
+        self.drain.begin()
         await self.models.close()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_seconds)
+        if not await self.drain.wait_idle(grace_seconds):
+            logger.warning(
+                "%d calls still running after the %.1f s grace are cancelled",
+                self.drain.in_flight,
+                grace_seconds,
+            )
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.close()
         self._decode_executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
@@ -109,9 +125,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
         decode_executor,
         metrics,
+        max_images_per_request=settings.max_images_per_request,
+        decode_backlog=settings.decode_backlog,
+        decode_threads=threads.preprocess_workers,
     )
+    drain = Drain()
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, drain=drain
     )
     observability = ObservabilityInterceptor(
         metrics,
@@ -122,9 +142,14 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             health_pb2.DESCRIPTOR.services_by_name["Health"],
         ),
     )
-    # The first interceptor wraps the others, so calls refused for their token are
-    # observed like any other. Both prediction APIs need the token, health does not.
-    interceptors: list[Any] = [observability]
+    # The first interceptor wraps the others, so calls refused for their token, or
+    # because the server drains, are observed like any other. The drain's comes next:
+    # a call refused while draining costs nothing else. Both prediction APIs need the
+    # token, health does not (and keeps answering NOT_SERVING while draining).
+    interceptors: list[Any] = [
+        observability,
+        DrainInterceptor(drain, exempt_services=(health.SERVICE_NAME,)),
+    ]
     if auth_token is not None:
         interceptors += [
             BearerTokenInterceptor(auth_token, INFERENCE_SERVICE),
@@ -218,6 +243,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         models=manager,
         health=health_servicer,
         metrics=metrics,
+        drain=drain,
         _decode_executor=decode_executor,
         _metrics_server=metrics_server,
     )

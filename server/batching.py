@@ -22,6 +22,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,11 @@ import numpy as np
 from .errors import DeadlineExceeded, Overloaded, Unavailable, VisionRPCError
 
 logger = logging.getLogger(__name__)
+
+# Bounds of the retry hint sent with a refusal: soon enough to use freed slots, and
+# never so late that a caller gives up on a server that had room again.
+MIN_RETRY_AFTER = 0.01
+MAX_RETRY_AFTER = 5.0
 
 # Runs the model on a stacked batch [N, ...] and returns one output row per input row.
 ModelRun = Callable[[np.ndarray], np.ndarray]
@@ -130,7 +137,10 @@ class Batcher:
         *,
         name: str,
         observer: BatchObserver | None = None,
+        expected_batch_seconds: float = 0.0,
     ) -> None:
+        """``expected_batch_seconds`` (e.g. the warm-up's) seeds the retry hints until
+        batches have run."""
         self.name = name
         self.settings = settings
         self.stats = BatcherStats()
@@ -149,10 +159,45 @@ class Batcher:
         )
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        # Slots held by requests whose rows are still being decoded.
+        self._reserved = 0
+        # A moving average of how long a batch runs, for retry hints.
+        self._recent_batch_seconds = expected_batch_seconds
 
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    def reserve(self, count: int) -> Reservation:
+        """Hold ``count`` queue slots for one request's rows, before any of them exists.
+
+        The pipeline reserves when a request arrives, so a request that cannot fit is
+        refused before its images cost a decode. Raises Overloaded (with a retry hint)
+        when the slots are not free and Unavailable after close.
+        """
+        if self._closed:
+            raise Unavailable(f"model {self.name} is shutting down")
+        limit = self.settings.max_queue_size
+        if count > limit:
+            self._observer.queue_rejected()
+            raise Overloaded(
+                f"model {self.name}: {count} inputs in one request, "
+                f"more than its queue holds ({limit}); send fewer images per request"
+            )
+        if self._taken() + count > limit:
+            # Rows whose callers gave up must not hold slots; purging costs a scan, so
+            # it happens only when the queue looks full.
+            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
+            self._queue_changed()
+        if self._taken() + count > limit:
+            self._observer.queue_rejected()
+            raise Overloaded(
+                f"model {self.name} is overloaded: {self._taken()} of {limit} "
+                "queue slots taken; retry later",
+                retry_after_seconds=self._drain_estimate(),
+            )
+        self._reserved += count
+        return Reservation(self, count)
 
     def submit(
         self, rows: Sequence[np.ndarray], deadline: float | None = None
@@ -161,26 +206,17 @@ class Batcher:
 
         Raises Overloaded when they do not fit in the queue and Unavailable after close.
         """
+        return self.reserve(len(rows)).submit(rows, deadline)
+
+    def _release(self, count: int) -> None:
+        self._reserved -= count
+        self._queue_changed()
+
+    def _enqueue(
+        self, rows: Sequence[np.ndarray], deadline: float | None
+    ) -> list[asyncio.Future[np.ndarray]]:
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
-        limit = self.settings.max_queue_size
-        if len(rows) > limit:
-            self._observer.queue_rejected()
-            raise Overloaded(
-                f"model {self.name}: {len(rows)} inputs in one request, "
-                f"more than its queue holds ({limit}); send fewer images per request"
-            )
-        if len(self._pending) + len(rows) > limit:
-            # Rows whose callers gave up must not hold slots; purging costs a scan, so
-            # it happens only when the queue looks full.
-            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
-            self._queue_changed()
-        if len(self._pending) + len(rows) > limit:
-            self._observer.queue_rejected()
-            raise Overloaded(
-                f"model {self.name} is overloaded: {len(self._pending)} of {limit} "
-                "queue slots taken; retry later"
-            )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures: list[asyncio.Future[np.ndarray]] = []
@@ -193,6 +229,20 @@ class Batcher:
             self._loop_task = loop.create_task(self._batch_loop(), name=f"batcher-{self.name}")
         self._wakeup.set()
         return futures
+
+    def _taken(self) -> int:
+        return len(self._pending) + self._reserved
+
+    def _drain_estimate(self) -> float:
+        """Seconds until the rows queued now have run, from the recent batch times.
+
+        Sent as the refusal's retry hint, with jitter, so refused callers come back
+        spread out, about when there is room, instead of all at once.
+        """
+        batches = math.ceil(self._taken() / self.settings.max_batch_size)
+        rounds = math.ceil(batches / self.settings.instances)
+        estimate = max(rounds, 1) * (self._recent_batch_seconds + self._delay_seconds)
+        return min(max(estimate * random.uniform(0.5, 1.5), MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     async def close(self) -> None:
         """Fail whatever still waits with Unavailable, let running batches finish, stop."""
@@ -270,7 +320,7 @@ class Batcher:
         return True
 
     def _queue_changed(self) -> None:
-        self._observer.queue_depth_changed(len(self._pending))
+        self._observer.queue_depth_changed(self._taken())
 
     def _timed_run(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
         """Runs in the executor, so the time is the model's alone, not the wait for a thread."""
@@ -299,6 +349,7 @@ class Batcher:
                     self._executor, self._timed_run, inputs
                 )
                 self._observer.batch_ran(len(live), seconds)
+                self._recent_batch_seconds += 0.2 * (seconds - self._recent_batch_seconds)
                 self.stats.runs += 1
                 self.stats.rows_run += len(live)
                 self.stats.largest_batch = max(self.stats.largest_batch, len(live))
@@ -309,3 +360,29 @@ class Batcher:
         finally:
             self._busy_instances -= 1
             self._wakeup.set()
+
+
+class Reservation:
+    """Queue slots one request holds while its images decode; used or released once.
+
+    ``submit`` queues the rows (fewer than reserved when some images failed) and frees
+    the slots they no longer need; ``release`` frees them all. Both are idempotent
+    after the first, so a ``finally: release()`` is always safe.
+    """
+
+    def __init__(self, batcher: Batcher, count: int) -> None:
+        self._batcher = batcher
+        self._count = count
+
+    def submit(
+        self, rows: Sequence[np.ndarray], deadline: float | None = None
+    ) -> list[asyncio.Future[np.ndarray]]:
+        if len(rows) > self._count:
+            raise ValueError(f"{len(rows)} rows for a reservation of {self._count}")
+        self.release()
+        return self._batcher._enqueue(rows, deadline)
+
+    def release(self) -> None:
+        if self._count:
+            self._batcher._release(self._count)
+            self._count = 0

@@ -41,8 +41,11 @@ _SETTING_HELP = {
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",
     "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
+    "decode_backlog": "images waiting for or in decoding before RESOURCE_EXHAUSTED (default 256)",
+    "max_images_per_request": "most images in one request (default 64; lower for a model "
+    "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
-    "shutdown_grace_seconds": "time in-flight calls get after SIGTERM (default 10)",
+    "shutdown_grace_seconds": "time in-flight calls get to finish after SIGTERM (default 10)",
     "max_connection_idle_seconds": "close a connection with no call open this long, 0 = never "
     "(default 300)",
     "max_connection_age_seconds": "ask every connection to reconnect after this long, so clients "

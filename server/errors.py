@@ -35,9 +35,11 @@ class VisionRPCError(Exception):
 
     kind: ErrorKind = ErrorKind.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None) -> None:
+        """``retry_after_seconds``: when a retry may succeed, for errors that mean "not now"."""
         super().__init__(message)
         self.message = message
+        self.retry_after_seconds = retry_after_seconds
 
 
 class InvalidInput(VisionRPCError):

@@ -109,6 +109,8 @@ class _Known:
     served: dict[int, Stamp | None] = field(default_factory=dict)
     failed: dict[int, tuple[Stamp | None, Stamp | None, str]] = field(default_factory=dict)
     config_failure: tuple[Stamp | None, str] | None = None
+    # The folder's state when it last had nothing to serve (logged once per state).
+    nothing_selected: tuple[Stamp | None, tuple[int, ...]] | None = None
     unloaded: bool = False
 
 
@@ -298,6 +300,7 @@ class ModelManager:
         )
         serving = self.repository.serving(name)
         policy = config.version_policy
+        self._check_something_selected(name, folder, config, wanted, known)
         next_versions: dict[int, LoadedModel] = {}
         loaded_now: dict[int, tuple[LoadedModel, Stamp | None]] = {}
         failed: dict[int, str] = {}
@@ -359,6 +362,26 @@ class ModelManager:
         await self._retire([*retired, *discarded])
         self._set_status(name, folder, config, next_versions, failed)
 
+    def _check_something_selected(
+        self, name: str, folder: _Folder, config: ModelConfig, wanted: list[int], known: _Known
+    ) -> None:
+        """A model with no version to serve is a failure, logged once per state of its folder."""
+        path = self.root / name
+        if wanted:
+            known.nothing_selected = None
+            self.repository.clear_failure(name, path)
+            return
+        reason = (
+            "no numbered version folders with a model.onnx"
+            if not any(stamp is not None for stamp in folder.versions.values())
+            else "the version policy selects none of the version folders"
+        )
+        state = (folder.config_stamp, tuple(sorted(folder.versions)))
+        if known.nothing_selected != state and not self.repository.serving(name):
+            known.nothing_selected = state
+            log_failure(name, path, reason, self._metrics)
+            self.repository.record_failure(LoadFailure(model=name, path=path, reason=reason))
+
     async def _load_version(
         self, name: str, version: int, config: ModelConfig, folder: _Folder, known: _Known
     ) -> LoadedModel | str:
@@ -385,6 +408,11 @@ class ModelManager:
             return known.config
         if folder.config_file is None:
             path, reason = self.root / folder.name, "no config.json or config.yaml"
+            if not self.repository.loading and known.config is None:
+                # A folder that appeared since start-up: training writes the config last, so
+                # this is most likely a model being written. The index says so; no alarm.
+                self.repository.set_status(ModelStatus(name=folder.name, reason=reason + " yet"))
+                return None
         else:
             try:
                 config = await asyncio.to_thread(load_model_config, folder.config_file)
@@ -393,6 +421,7 @@ class ModelManager:
             else:
                 known.config_failure = None
                 self.repository.clear_failure(folder.name, folder.config_file)
+                self.repository.clear_failure(folder.name, self.root / folder.name)
                 # Training rewrites the config with every version, mostly unchanged: the
                 # same content must not reload the versions that serve.
                 if config == known.config:
@@ -446,8 +475,8 @@ class ModelManager:
             if version not in serving:
                 states[version] = VersionStatus(version, VersionState.LOADING)
         reason = ""
-        if not folder.versions:
-            reason = "no numbered version folders"
+        if not any(stamp is not None for stamp in folder.versions.values()):
+            reason = "no numbered version folders with a model.onnx"
         elif not config.version_policy.select(list(folder.versions)):
             reason = "the version policy selects none of the version folders"
         self.repository.set_status(

@@ -32,7 +32,7 @@ from .health import SERVING, HealthServicer
 from .model_manager import ModelManager
 from .pipeline import Pipeline, PredictOutcome
 from .repository import LoadedModel, ModelRepository, VersionState
-from .service import Context, _deadline, status_of
+from .service import Context, _deadline, abort_with_hint, status_of
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "visionrpc"
@@ -116,7 +116,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             response = await self._infer(request, _deadline(context))
         except Exception as exc:
             code, message = status_of(_in_request_terms(exc))
-            await context.abort(code, message)
+            await abort_with_hint(context, code, message, exc)
         return response
 
     async def ModelStreamInfer(

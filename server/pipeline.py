@@ -1,7 +1,14 @@
-"""One prediction request, transport-free: decode, prepare, batch, postprocess.
+"""One prediction request, transport-free: admit, decode, prepare, batch, postprocess.
 
-Each image is decoded and resized in a thread pool, off the event loop. Every view of
-every good image becomes one row in the model's batcher, submitted together. A bad
+Admission comes first and costs no decoding: a request may carry at most its model's
+``max_images_per_request`` images (more is the caller's mistake, InvalidInput), and its
+rows (images times views) are reserved in the model's queue at once, or the request is
+refused as Overloaded with a retry hint. The decode stage has a bounded backlog too:
+images waiting for or in a decode thread, across all requests, are at most
+``decode_backlog``, so a burst on a model with a long queue cannot pile up decode work.
+Each admitted image is decoded and resized in a thread pool, off the event loop. Every
+view of every good image becomes one row in the model's batcher, in the slots reserved
+for it. A bad
 image gets its own error naming its index and never fails its neighbours; problems of
 the whole request (unknown model, bad option, no images, overload, deadline) raise.
 Decoding time and what each prediction looks like go to a ``PipelineObserver`` (the
@@ -11,6 +18,8 @@ server's Prometheus metrics), known here only by its methods.
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -19,7 +28,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import DeadlineExceeded, InvalidInput, VisionRPCError
+from .batching import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Reservation
+from .errors import DeadlineExceeded, InvalidInput, Overloaded, VisionRPCError
 from .model_config import InputSpec
 from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
 from .preprocess import (
@@ -77,6 +87,13 @@ class PipelineObserver(PredictionObserver, Protocol):
     def tta_used(self, model: str, version: str, images: int) -> None: ...
 
 
+def max_images_per_request(model: LoadedModel, server_limit: int) -> int:
+    """The most images one request to ``model`` may carry: the server's limit, lowered
+    so that a request of that many images fits the model's queue with every TTA view."""
+    most_views = 1 + len(model.config.tta.views)
+    return max(1, min(server_limit, model.batching.max_queue_size // most_views))
+
+
 class Pipeline:
     def __init__(
         self,
@@ -84,11 +101,25 @@ class Pipeline:
         limits: ImageLimits,
         decode_executor: Executor,
         observer: PipelineObserver | None = None,
+        *,
+        max_images_per_request: int = 64,
+        decode_backlog: int = 256,
+        decode_threads: int = 1,
     ) -> None:
         self.repository = repository
+        self.max_images_per_request = max_images_per_request
         self._limits = limits
         self._decode_executor = decode_executor
         self._observer = observer
+        self._decode_backlog = decode_backlog
+        self._decode_threads = decode_threads
+        # Images admitted to the decode stage and not yet decoded.
+        self._decoding = 0
+        # A moving average of one decode's seconds, for retry hints.
+        self._recent_decode_seconds = 0.0
+
+    def limit_for(self, model: LoadedModel) -> int:
+        return max_images_per_request(model, self.max_images_per_request)
 
     async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
         """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
@@ -103,17 +134,22 @@ class Pipeline:
         resolved = resolve_options(model.config, call.options)
         if not call.images:
             raise InvalidInput("the request has no images")
-        _check_deadline(deadline)
-        prepared = await asyncio.gather(
-            *(
-                self._prepare(index, image, model, resolved.views)
-                for index, image in enumerate(call.images)
+        limit = self.limit_for(model)
+        if len(call.images) > limit:
+            raise InvalidInput(
+                f"the request has {len(call.images)} images, more than model {model.name}'s "
+                f"max_images_per_request ({limit}); split them into several requests"
             )
-        )
         _check_deadline(deadline)
-        good = [views for views in prepared if not isinstance(views, VisionRPCError)]
-        rows = [row for views in good for row, _ in views]
-        outputs = iter(await _run_rows(model, rows, deadline))
+        reservation = model.batcher.reserve(len(call.images) * len(resolved.views))
+        try:
+            prepared = await self._decode_all(call, model, resolved.views)
+            _check_deadline(deadline)
+            good = [views for views in prepared if not isinstance(views, VisionRPCError)]
+            rows = [row for views in good for row, _ in views]
+            outputs = iter(await _run_rows(model, reservation, rows, deadline))
+        finally:
+            reservation.release()
         results: list[ImageResult | VisionRPCError] = []
         for index, views in enumerate(prepared):
             if isinstance(views, VisionRPCError):
@@ -135,6 +171,31 @@ class Pipeline:
             observe_results(self._observer, model, results)
         return PredictOutcome(model=model, results=results)
 
+    async def _decode_all(
+        self, call: PredictCall, model: LoadedModel, views: tuple[View, ...]
+    ) -> list[_PreparedImage | VisionRPCError]:
+        """Every image decoded, once the decode stage has room for all of them."""
+        count = len(call.images)
+        # An empty stage takes any request, so one larger than the backlog still runs.
+        if self._decoding and self._decoding + count > self._decode_backlog:
+            rounds = math.ceil(self._decoding / self._decode_threads)
+            hint = rounds * self._recent_decode_seconds * random.uniform(0.5, 1.5)
+            raise Overloaded(
+                f"the server is overloaded: {self._decoding} images wait to be decoded; "
+                "retry later",
+                retry_after_seconds=min(max(hint, MIN_RETRY_AFTER), MAX_RETRY_AFTER),
+            )
+        self._decoding += count
+        try:
+            return await asyncio.gather(
+                *(
+                    self._prepare(index, image, model, views)
+                    for index, image in enumerate(call.images)
+                )
+            )
+        finally:
+            self._decoding -= count
+
     async def _prepare(
         self, index: int, image: ImageInput, model: LoadedModel, views: tuple[View, ...]
     ) -> _PreparedImage | VisionRPCError:
@@ -145,6 +206,7 @@ class Pipeline:
             )
         except InvalidInput as exc:
             return InvalidInput(f"image {index}: {exc.message}")
+        self._recent_decode_seconds += 0.2 * (seconds - self._recent_decode_seconds)
         if self._observer is not None:
             self._observer.preprocess_observed(model.name, seconds)
         return prepared
@@ -211,12 +273,12 @@ def observe_results(
 
 
 async def _run_rows(
-    model: LoadedModel, rows: list[np.ndarray], deadline: float | None
+    model: LoadedModel, reservation: Reservation, rows: list[np.ndarray], deadline: float | None
 ) -> list[np.ndarray]:
-    """Submit the rows as one unit and await them; giving up cancels them in the queue."""
+    """Queue the rows in their reserved slots and await them; giving up cancels them there."""
     if not rows:
         return []
-    futures = model.batcher.submit(rows, deadline)
+    futures = reservation.submit(rows, deadline)
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     try:
         _, not_done = await asyncio.wait(futures, timeout=timeout)

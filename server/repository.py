@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The retry hint of a call made while models load: a warm-up takes seconds, so sooner
+# would only spend the caller's attempts (gRPC allows at most 5).
+LOADING_RETRY_AFTER = 1.0
+
 
 class VersionState(enum.Enum):
     LOADING = "LOADING"
@@ -189,7 +193,10 @@ class ModelRepository:
         load, or that the repository never had, is ModelNotFound.
         """
         if self.loading:
-            raise Unavailable("the server is still loading its models; retry shortly")
+            raise Unavailable(
+                "the server is still loading its models; retry shortly",
+                retry_after_seconds=LOADING_RETRY_AFTER,
+            )
         versions = self._models.get(name)
         if not versions:
             raise self._not_serving(name)
@@ -357,7 +364,13 @@ def load_model(
             config.name, str(version), config.task, runtime.provider, runtime.warmup_seconds
         )
         observer = metrics.for_batcher(config.name, str(version))
-    batcher = Batcher(runtime.run, batching, name=f"{config.name}:{version}", observer=observer)
+    batcher = Batcher(
+        runtime.run,
+        batching,
+        name=f"{config.name}:{version}",
+        observer=observer,
+        expected_batch_seconds=runtime.warmup_seconds,
+    )
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher
     )

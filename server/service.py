@@ -4,7 +4,9 @@ Everything else (decoding, batching, running, postprocessing) lives in the
 transport-free pipeline; metrics, access logs and request ids belong to
 ``interceptors.ObservabilityInterceptor``, which reads the messages this servicer takes
 and returns. Domain errors map to status codes through ``STATUS_CODES``; anything
-unexpected is logged and answered with INTERNAL.
+unexpected is logged and answered with INTERNAL. Refusals that mean "not now" carry
+``grpc-retry-pushback-ms``, which gRPC clients obey as the time to wait before their
+retry; nothing is sent before the outcome, so the call can still be retried.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import task_to_proto
 
 from .client_text import DETAILS_LIMIT, printable
+from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
@@ -43,6 +46,8 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
+# gRPC's retry design: a client waits this many milliseconds before retrying the call.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -59,18 +64,24 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(
-        self, pipeline: Pipeline, repository: ModelRepository, *, stream_max_in_flight: int
+        self,
+        pipeline: Pipeline,
+        repository: ModelRepository,
+        *,
+        stream_max_in_flight: int,
+        drain: Drain | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
+        self._drain = Drain() if drain is None else drain
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         try:
             outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
         except Exception as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
+            await abort_with_hint(context, code, message, exc)
         return response_to_proto(outcome, request.request_id)
 
     async def PredictStream(
@@ -79,25 +90,39 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """Answers requests concurrently, at most ``stream_max_in_flight`` at a time.
 
         A slot frees only once its answer is sent, so a client that stops reading
-        stops the server from reading (and working on) more of its requests.
+        stops the server from reading (and working on) more of its requests. Once the
+        server drains, the stream reads no more requests, answers the ones it has and
+        ends with UNAVAILABLE, so an idle stream does not hold the shutdown.
         """
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
+        cut_by_drain = False
 
         async def answer(request: pb.PredictRequest) -> None:
             answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
+            nonlocal cut_by_drain
             in_flight: set[asyncio.Task[None]] = set()
+            drained = asyncio.ensure_future(self._drain.started())
             try:
-                async for request in request_iterator:
+                while True:
+                    reading = asyncio.ensure_future(anext(request_iterator, None))
+                    await asyncio.wait((reading, drained), return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        reading.cancel()
+                        cut_by_drain = True
+                        break
+                    if (request := reading.result()) is None:
+                        break
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 await asyncio.gather(*in_flight)
             finally:
+                drained.cancel()
                 for task in in_flight:
                     task.cancel()
                 answers.put_nowait(None)
@@ -110,6 +135,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await reader
         finally:
             reader.cancel()
+        if cut_by_drain:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -132,8 +159,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             model = self._repository.get(request.model, request.version)
         except VisionRPCError as exc:
             code, message = status_of(exc)
-            await context.abort(code, message)
-        return model_info_to_proto(model, self._repository.versions(model.name))
+            await abort_with_hint(context, code, message, exc)
+        return model_info_to_proto(
+            model, self._repository.versions(model.name), self._pipeline.limit_for(model)
+        )
 
     async def _stream_answer(
         self, request: pb.PredictRequest, deadline: float | None
@@ -149,6 +178,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 error=pb.ErrorStatus(code=code.value[0], message=message),
             )
         return response_to_proto(outcome, request.request_id)
+
+
+async def abort_with_hint(
+    context: Context, code: grpc.StatusCode, message: str, error: Exception
+) -> None:
+    """End the call with ``code``; an error that means "not now" adds its retry hint to
+    the trailing metadata already set (the request id)."""
+    retry_after = getattr(error, "retry_after_seconds", None)
+    if retry_after is None:
+        await context.abort(code, message)
+    hint = (PUSHBACK_KEY, str(max(1, round(retry_after * 1000))))
+    await context.abort(code, message, (*(context.trailing_metadata() or ()), hint))
 
 
 def _deadline(context: Context) -> float | None:
@@ -214,7 +255,9 @@ def image_result_to_proto(outcome: ImageResult | VisionRPCError, task: str) -> p
     return converted
 
 
-def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo:
+def model_info_to_proto(
+    model: LoadedModel, versions: list[int], max_images_per_request: int
+) -> pb.ModelInfo:
     config = model.config
     return pb.ModelInfo(
         name=config.name,
@@ -250,4 +293,5 @@ def model_info_to_proto(model: LoadedModel, versions: list[int]) -> pb.ModelInfo
         config_json=config.to_json(),
         accepted_formats=list(REPORTED_FORMATS),
         accepted_extensions=list(accepted_extensions()),
+        max_images_per_request=max_images_per_request,
     )

@@ -66,6 +66,13 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     # Threads that decode and resize images.
     preprocess_workers: int = 0
+    # Images waiting for or in a decode thread, over all requests. Beyond it requests
+    # are refused (RESOURCE_EXHAUSTED) before decoding; the models' queues bound it too.
+    decode_backlog: int = 256
+    # The most images one Predict request (or one request of a stream) may carry; a
+    # model whose queue cannot hold that many with all its TTA views gets a lower limit
+    # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
+    max_images_per_request: int = 64
     # PredictStream: requests of one stream that are worked on at once.
     stream_max_in_flight: int = 64
     shutdown_grace_seconds: float = 10.0
@@ -119,7 +126,14 @@ class ServerSettings:
             raise SettingsError("keepalive_timeout_seconds must be positive")
         if self.max_concurrent_streams < 1:
             raise SettingsError("max_concurrent_streams must be at least 1")
-        for name in ("max_batch_size", "max_queue_size", "instances", "stream_max_in_flight"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "stream_max_in_flight",
+            "max_images_per_request",
+            "decode_backlog",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
         for name in (

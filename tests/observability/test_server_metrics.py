@@ -208,15 +208,17 @@ async def test_loaded_models_their_warm_up_and_load_failures(served: Served) -> 
     assert get("visionrpc_queue_depth", model="patient", version="1") == 0.0
 
 
-async def test_a_full_queue_is_counted_as_a_rejection(served: Served) -> None:
+async def test_more_images_than_the_queue_holds_is_the_callers_mistake_not_load(
+    served: Served,
+) -> None:
     server, stub = served
     three_images = encoded_request("patient", RED, RED, RED)
-    assert await failed_code(stub.Predict(three_images)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await failed_code(stub.Predict(three_images)) == grpc.StatusCode.INVALID_ARGUMENT
     get = reader(server)
     patient = {"model": "patient", "version": "1"}
-    assert get("visionrpc_queue_rejections_total", **patient) == 1.0
-    assert get("visionrpc_requests_total", **patient, code="RESOURCE_EXHAUSTED") == 1.0
-    assert get("visionrpc_images_total", **patient, code="RESOURCE_EXHAUSTED") == 3.0
+    assert get("visionrpc_queue_rejections_total", **patient) == 0.0
+    assert get("visionrpc_requests_total", **patient, code="INVALID_ARGUMENT") == 1.0
+    assert get("visionrpc_images_total", **patient, code="INVALID_ARGUMENT") == 3.0
     assert get("visionrpc_batch_size_count", **patient) == 0.0
 
 

@@ -102,6 +102,8 @@ async def test_poll_serves_a_new_version_and_releases_the_old_one(
     answer = await predict(channel)
     assert answer.version == "2"
     assert answer.results[0].classification.top[0].score == pytest.approx(red_score(20.0), abs=1e-5)
+    # It warmed up before it took traffic (batch sizes 1 and max_batch_size ran at load).
+    assert server.repository.get("colors").runtime.warmup_seconds > 0
     # The default policy serves the newest version alone; version 1 was released.
     assert index_of(server, "colors") == {
         1: (VersionState.UNAVAILABLE, "not selected by the version policy"),
@@ -429,3 +431,40 @@ async def test_with_auth_on_the_admin_api_takes_its_own_token_only(root: Path) -
         with pytest.raises(grpc.aio.AioRpcError) as not_for_inference:
             await predict(channel)
         assert not_for_inference.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_model_being_written_into_a_polled_repository_raises_no_failure(
+    root: Path, polled: tuple[RunningServer, grpc.aio.Channel]
+) -> None:
+    server, channel = polled
+    # What write_repository_entry has done before it writes the config, which comes last.
+    scratch = root.parent / "scratch"
+    write_channel_mean_multilabel(scratch)
+    (root / "channels" / "1").mkdir(parents=True)
+    (scratch / "channels" / "1" / "model.onnx").replace(root / "channels" / "1" / "model.onnx")
+    await server.app.models.poll()
+    assert server.repository.statuses()["channels"].reason == "no config.json or config.yaml yet"
+    assert server.repository.failures == []
+    (scratch / "channels" / "config.json").replace(root / "channels" / "config.json")
+    await server.app.models.poll()
+    assert (await predict(channel, "channels")).version == "1"
+    assert server.repository.failures == []
+
+
+async def test_a_model_with_no_version_is_a_failure_until_one_arrives(root: Path) -> None:
+    (root / "empty").mkdir()
+    config = config_dict("empty", "classification", COLORS, 8)
+    (root / "empty" / "config.json").write_text(json.dumps(config))
+    async with (
+        running_server(root, **POLL_BY_HAND) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        (failure,) = server.repository.failures
+        assert (failure.model, failure.path) == ("empty", root / "empty")
+        assert failure.reason == "no numbered version folders with a model.onnx"
+        await server.app.models.poll()
+        assert len(server.repository.failures) == 1
+        write_channel_mean_classifier(root, "empty")
+        await server.app.models.poll()
+        assert (await predict(channel, "empty")).version == "1"
+        assert server.repository.failures == []

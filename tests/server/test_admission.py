@@ -1,0 +1,140 @@
+"""Admission before work: per-request image limits, queue reservations, retry hints."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers.onnx_models import write_channel_mean_classifier
+from tests.helpers.server import running_server, settings_for_tests
+from tests.observability.slow_model import write_slow_model
+from tests.server.support import encoded_request, png, solid
+from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.server.app import start_app
+from visionrpc.server.batching import Batcher, BatchSettings
+from visionrpc.server.errors import Overloaded
+
+RED = png(solid(255, 0, 0))
+
+
+def large_jpeg(width: int = 6000, height: int = 4000) -> bytes:
+    """A legal but large photo-sized JPEG (smooth, so it stays small on the wire)."""
+    ramp = np.linspace(0, 255, width, dtype=np.uint8)
+    pixels = np.broadcast_to(ramp[None, :, None], (height, width, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+async def test_more_images_than_the_limit_is_invalid_argument_naming_it(tmp_path: Path) -> None:
+    # Queue 4 rows, TTA with one extra view: two images with every view is the most.
+    write_channel_mean_classifier(
+        tmp_path,
+        tta={"enabled": False, "views": ["flip"]},
+        batching={"max_queue_size": 4},
+    )
+    async with (
+        running_server(tmp_path, max_images_per_request=3) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(model="colors"))
+        assert info.max_images_per_request == 2
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Predict(encoded_request("colors", RED, RED, RED))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_images_per_request (2)" in (refused.value.details() or "")
+        answer = await stub.Predict(
+            encoded_request("colors", RED, RED, options=pb.PredictionOptions(tta=True))
+        )
+        assert [result.tta_views for result in answer.results] == [2, 2]
+
+
+async def test_a_full_queue_refuses_a_large_image_before_decoding_it_with_a_retry_hint(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="slow", products=20)
+    large = large_jpeg()
+    async with (
+        running_server(tmp_path, max_queue_size=1, metrics=True) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        registry = server.metrics.registry
+        fillers = []
+        # Refused while two are pending (one running, one queued): the queue is full.
+        while True:
+            filler = stub.Predict(encoded_request("slow", RED), timeout=60)
+            fillers.append(filler)
+            await asyncio.sleep(0.05)
+            pending = [call for call in fillers if not call.done()]
+            if len(pending) >= 2 and filler.done():
+                assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+        decoded = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
+        call = stub.Predict(encoded_request("slow", large), timeout=60)
+        assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(await call.trailing_metadata() or ())
+        assert int(trailing["grpc-retry-pushback-ms"]) > 0
+        assert "x-request-id" in trailing
+        # Nothing went out before the outcome, so gRPC could still retry the call.
+        assert not tuple(await call.initial_metadata() or ())
+        after = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
+        assert after == decoded
+        rejections = registry.get_sample_value(
+            "visionrpc_queue_rejections_total", {"model": "slow", "version": "1"}
+        )
+        assert rejections is not None and rejections >= 2
+        for filler in fillers:
+            await filler.code()
+
+
+async def test_reserved_slots_count_against_the_queue_until_used_or_released() -> None:
+    settings = BatchSettings(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=4, instances=1)
+    batcher = Batcher(lambda rows: rows * 2, settings, name="double")
+    held = batcher.reserve(3)
+    with pytest.raises(Overloaded) as refused:
+        batcher.reserve(2)
+    assert refused.value.retry_after_seconds is not None
+    # Two images of three failed to decode: one row goes in, the other slots free up.
+    futures = held.submit([np.array([5.0], np.float32)])
+    held.release()
+    spare = batcher.reserve(3)
+    assert [float(row[0]) for row in await asyncio.gather(*futures)] == [10.0]
+    spare.release()
+    assert batcher.queued == 0
+    await batcher.close()
+
+
+async def test_the_drain_ends_an_idle_stream_so_it_does_not_hold_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    write_channel_mean_classifier(tmp_path)
+    app = await start_app(settings_for_tests(tmp_path, shutdown_grace_seconds=60))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        requests: asyncio.Queue[pb.PredictRequest | None] = asyncio.Queue()
+
+        async def feed() -> AsyncIterator[pb.PredictRequest]:
+            while (request := await requests.get()) is not None:
+                yield request
+
+        stream = stub.PredictStream(feed())
+        requests.put_nowait(encoded_request("colors", RED, request_id="first"))
+        first = await stream.read()
+        assert isinstance(first, pb.PredictResponse) and first.request_id == "first"
+        # The stream stays open, idle: it must not hold the drain for the 60 s grace.
+        stopping = asyncio.create_task(app.stop(60))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), timeout=30)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(stopping, timeout=30)
+        assert app.drain.in_flight == 0

@@ -1,0 +1,201 @@
+"""Shutdown, restart and retries of a real ``visionrpc serve`` process under real Client load.
+
+Outcomes are counted on both sides: the client's results, and the server's access log
+(one line per request a handler answered, with the caller's ``x-request-id``), so a
+call that was retried shows every attempt the server saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.helpers.onnx_models import write_channel_mean_classifier
+from tests.helpers.serve_log import ServeProcess, serve_process
+from tests.observability.slow_model import write_slow_model
+from tests.server.support import encoded_request, png, solid
+from visionrpc.client import AsyncClient, VisionRPCError
+from visionrpc.protos import inference_pb2_grpc as pb_grpc
+
+RED = png(solid(255, 0, 0))
+CONCURRENCY = 64
+GRACE = ("--shutdown-grace-seconds", "30")
+REQUEST_ID = "x-request-id"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    started: float
+    ended: float
+    code: str
+    request_id: str
+
+
+async def keep_calling(
+    client: AsyncClient, model: str, stop: asyncio.Event, concurrency: int
+) -> list[Outcome]:
+    """``concurrency`` callers, each calling again as soon as its call ends, until ``stop``."""
+    outcomes: list[Outcome] = []
+    numbers = itertools.count()
+
+    async def caller() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            request_id = f"call-{next(numbers)}"
+            try:
+                await client.predict(model, RED, metadata=((REQUEST_ID, request_id),))
+                code = "OK"
+            except VisionRPCError as exc:
+                code = exc.code.name
+            outcomes.append(Outcome(started, time.monotonic(), code, request_id))
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return outcomes
+
+
+async def answered_by(server: ServeProcess, count: int) -> None:
+    """Until the server's access log holds at least ``count`` answered requests."""
+    for _ in range(600):
+        if len(server.access_log()) >= count:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the server answered fewer than {count} requests")
+
+
+def write_model_of_kind(root: Path, kind: str) -> Path:
+    if kind == "fast":
+        write_channel_mean_classifier(root, name="model")
+    else:
+        # About 0.1 s per image, one image per batch: calls wait in the queue at SIGTERM.
+        write_slow_model(root, name="model", products=5)
+    return root
+
+
+@pytest.fixture
+def fast_model(tmp_path: Path) -> Path:
+    return write_model_of_kind(tmp_path, "fast")
+
+
+@pytest.mark.parametrize("run", [1, 2])
+@pytest.mark.parametrize("kind", ["fast", "slow"])
+async def test_sigterm_under_load_cancels_no_call_and_answers_every_call_in_flight(
+    kind: str, run: int, tmp_path: Path
+) -> None:
+    root = write_model_of_kind(tmp_path, kind)
+    # The slow model's queue is small, so some calls are also refused for load and retried.
+    flags = (*GRACE, "--max-queue-size", "16") if kind == "slow" else GRACE
+    with serve_process(root, *flags) as server:
+        server.wait_until_serving()
+        async with AsyncClient(server.address) as client:
+            stop = asyncio.Event()
+            load = asyncio.create_task(keep_calling(client, "model", stop, CONCURRENCY))
+            await answered_by(server, 2 * CONCURRENCY)
+            sigterm_at = time.monotonic()
+            server.sigterm()
+            # No new calls: what counts is what happens to those already made.
+            stop.set()
+            exit_code = await asyncio.to_thread(server.exit_code)
+            outcomes = await load
+    assert exit_code == 0, server.log_text()
+    codes = collections.Counter(outcome.code for outcome in outcomes)
+    assert "CANCELLED" not in codes, codes
+    in_flight = [o for o in outcomes if o.started < sigterm_at < o.ended]
+    assert len(in_flight) == CONCURRENCY
+    # Those a handler had begun got their answer; those that reached a handler after
+    # SIGTERM were refused as UNAVAILABLE (retried until no server was left) or, on the
+    # slow model, for load.
+    assert {o.code for o in in_flight} <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert any(o.code == "OK" and o.ended > sigterm_at for o in in_flight)
+    # At the server: every call a handler began ended with its answer, a refusal for
+    # load, or (once draining) UNAVAILABLE; the client saw every answer.
+    served = collections.Counter(entry["status"] for entry in server.access_log())
+    assert set(served) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, served
+    assert served["OK"] == codes["OK"]
+    assert "shutting down" in server.log_text()
+
+
+async def test_a_rolling_restart_on_the_same_port_fails_no_call(fast_model: Path) -> None:
+    with serve_process(fast_model, *GRACE) as old:
+        old.wait_until_serving()
+        async with AsyncClient(old.address) as client:
+            stop = asyncio.Event()
+            load = asyncio.create_task(keep_calling(client, "model", stop, 8))
+            await answered_by(old, 50)
+            # The new process binds the same port (gRPC sets SO_REUSEPORT) before the
+            # old one stops, as a rolling update starts the new pod first.
+            with serve_process(fast_model, *GRACE, port=old.port) as new:
+                await asyncio.to_thread(new.wait_until_serving)
+                old.sigterm()
+                assert await asyncio.to_thread(old.exit_code) == 0
+                await answered_by(new, 50)
+                stop.set()
+                outcomes = await load
+    codes = collections.Counter(outcome.code for outcome in outcomes)
+    assert codes == {"OK": len(outcomes)}, codes
+    # Each call answered exactly once, by one of the two; none failed on the way.
+    answered = [
+        [entry["request_id"] for entry in server.access_log() if entry["status"] == "OK"]
+        for server in (old, new)
+    ]
+    assert sorted(answered[0] + answered[1]) == sorted(o.request_id for o in outcomes)
+    assert min(len(ids) for ids in answered) >= 50
+
+
+async def test_a_call_made_while_the_model_loads_is_retried_until_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    # A warm-up of about half a second: the first attempt lands while it runs.
+    write_slow_model(tmp_path, name="model", products=20)
+    with serve_process(tmp_path) as server:
+        await asyncio.to_thread(server.wait_for, "loading models")
+        async with AsyncClient(server.address) as client:
+            await client.predict("model", RED, metadata=(("x-request-id", "early"),))
+        server.sigterm()
+        assert server.exit_code() == 0
+        attempts = [entry["status"] for entry in server.access_log("early")]
+    assert attempts[-1] == "OK"
+    assert len(attempts) >= 2
+    assert set(attempts[:-1]) == {"UNAVAILABLE"}
+
+
+async def test_a_call_refused_for_a_full_queue_is_retried_until_it_succeeds(
+    tmp_path: Path,
+) -> None:
+    # A second or more per image, one at a time, one waiting: the queue stays full
+    # for a whole run once a call is refused.
+    write_slow_model(tmp_path, name="model", products=60)
+    with serve_process(tmp_path, "--max-queue-size", "1") as server:
+        await asyncio.to_thread(server.wait_until_serving)
+        async with (
+            AsyncClient(server.address) as client,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            await client.models()  # connected before the queue fills
+            stub = pb_grpc.InferenceServiceStub(channel)
+            fillers = []
+            # Calls without retries until one is refused while two are pending (one
+            # running, one queued): the queue is full for the rest of that run.
+            while True:
+                filler = stub.Predict(encoded_request("model", RED), timeout=60)
+                fillers.append(filler)
+                await asyncio.sleep(0.05)
+                pending = [call for call in fillers if not call.done()]
+                if len(pending) >= 2 and filler.done():
+                    assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    break
+            await client.predict("model", RED, metadata=(("x-request-id", "late"),))
+            for filler in fillers:
+                await filler.code()
+        server.sigterm()
+        assert server.exit_code() == 0
+        attempts = [entry["status"] for entry in server.access_log("late")]
+    assert attempts[-1] == "OK"
+    assert len(attempts) >= 2
+    assert set(attempts[:-1]) == {"RESOURCE_EXHAUSTED"}
