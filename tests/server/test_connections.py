@@ -7,14 +7,22 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
+import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
-from tests.helpers.server import running_server
+from tests.helpers.serve_log import serve_process
+from tests.helpers.server import free_port, running_server
 from tests.server.support import encoded_request, png, solid
+from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
 RED = png(solid(255, 0, 0))
@@ -98,10 +106,10 @@ def silent_peer(port: int, pings: int = 0, open_stream: bool = False) -> tuple[b
 
 
 async def watch_silent_peer(
-    repository: Path, pings: int = 0, open_stream: bool = False, **settings: object
+    repository: Path, pings: int = 0, open_stream: bool = False, **settings: Any
 ) -> tuple[bytes, bool]:
     """``silent_peer`` against a server whose connection limits are all off but ``settings``."""
-    limits: dict[str, object] = {
+    limits: dict[str, Any] = {
         "max_connection_idle_seconds": 0,
         "max_connection_age_seconds": 0,
         "keepalive_time_seconds": 0,
@@ -187,3 +195,75 @@ async def test_a_client_left_idle_is_sent_away_and_reconnects_for_its_next_call(
         assert channel.get_state() == grpc.ChannelConnectivity.IDLE
         response = await stub.Predict(encoded_request("colors", RED), timeout=10)
         assert response.results[0].classification.top[0].label == "red"
+
+
+async def test_sigterm_with_idle_streams_and_silent_connections_exits_well_inside_the_grace(
+    repository: Path,
+) -> None:
+    metrics_port = free_port()
+    grace = 60
+    streams = 20
+    # A peer that never answers holds its connection until the server's goodbye ping
+    # times out: the keepalive timeout, which here is short, not the grace.
+    flags = ("--shutdown-grace-seconds", str(grace), "--keepalive-timeout-seconds", "2")
+    with serve_process(repository, *flags, "--metrics-port", str(metrics_port)) as server:
+        await asyncio.to_thread(server.wait_until_serving)
+        never = asyncio.Event()
+
+        async def nothing_to_send() -> AsyncIterator[pb.PredictRequest]:
+            await never.wait()
+            yield pb.PredictRequest()
+
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            calls = [stub.PredictStream(nothing_to_send()) for _ in range(streams)]
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            peers = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+            for peer in peers:
+                peer.sendall(HTTP2_PREFACE + EMPTY_SETTINGS)
+            await asyncio.to_thread(
+                wait_for_sample, metrics_port, "grpc_server_started_total", PREDICT_STREAM, streams
+            )
+            server.sigterm()
+            # Far less than the grace: nothing idle holds the drain.
+            exit_code = await asyncio.to_thread(server.exit_code, grace / 3)
+            endings = [await ended(call) for call in calls]
+            watch.cancel()
+            for peer in peers:
+                peer.close()
+    assert exit_code == 0, server.log_text()
+    assert set(endings) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, endings
+
+
+PREDICT_STREAM = {
+    "grpc_type": "bidi_stream",
+    "grpc_service": "visionrpc.v1.InferenceService",
+    "grpc_method": "PredictStream",
+}
+
+
+def scraped(port: int, name: str, labels: dict[str, str]) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        exposition = response.read().decode()
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return None
+
+
+def wait_for_sample(port: int, name: str, labels: dict[str, str], value: float) -> None:
+    deadline = time.monotonic() + 60
+    while (seen := scraped(port, name, labels)) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} is {seen}, never {value}"
+        time.sleep(0.05)
+
+
+async def ended(call: Any) -> grpc.StatusCode:
+    """The status a streaming call ended with, once it ended."""
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
