@@ -257,7 +257,10 @@ class AsyncClient(ClientBase):
                 request = await asyncio.to_thread(next, produced, None)
                 if request is None:
                     break
-                await stream.write(request)
+                try:
+                    await stream.write(request)
+                except asyncio.InvalidStateError:
+                    return  # the call has ended; the receiver reports its status
             await stream.done_writing()
 
         async def receive() -> None:

@@ -55,7 +55,7 @@ from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .reflection import enable_reflection
 from .repository import ModelRepository, model_folders
-from .runtime import RuntimeOptions
+from .runtime import CUDA, ModelLoadError, RuntimeOptions, choose_providers
 from .service import InferenceServicer
 from .settings import ServerSettings, TLSFiles
 
@@ -114,6 +114,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     repository = ModelRepository(loading=True)
     threads = plan_threads(
         usable_cpus(),
+        on_gpu=_models_on_gpu(settings),
         intra_op_threads=settings.intra_op_threads,
         preprocess_workers=settings.preprocess_workers,
     )
@@ -126,7 +127,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         decode_executor,
         metrics,
         max_images_per_request=settings.max_images_per_request,
-        decode_backlog=settings.decode_backlog,
+        decode_backlog_bytes=settings.decode_backlog_bytes,
         decode_threads=threads.preprocess_workers,
     )
     drain = Drain()
@@ -294,6 +295,14 @@ def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
             return version
 
     return resolve
+
+
+def _models_on_gpu(settings: ServerSettings) -> bool:
+    """Whether sessions will ask for CUDA first; a provider that is missing fails at load."""
+    try:
+        return choose_providers(settings.providers)[0] == CUDA
+    except (ModelLoadError, IndexError):
+        return False
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

@@ -32,23 +32,36 @@ def usable_cpus(cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_S
 def cgroup_cpu_quota(
     cgroup_root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_CGROUP
 ) -> float | None:
-    """The CPU time this process's cgroup may use, in CPUs; None without a limit."""
-    v2_dir, v1_dir = _own_cgroup_dirs(cgroup_root, proc_self_cgroup)
-    # Inside a container's cgroup namespace the own path is "/", so the root holds the
-    # limit; on a host the process's own cgroup does. Look in both, own first.
-    for folder in (v2_dir, cgroup_root):
-        text = _read(folder / "cpu.max")
+    """The CPU time this process's cgroup may use, in CPUs; None without a limit.
+
+    The tightest limit on the way from the process's own cgroup up to the root counts (a
+    systemd slice can limit the services under it). Inside a container's cgroup namespace
+    the own path is "/", so the root is the container's cgroup.
+    """
+    v2_dir, v1_dir, v1_mount = _own_cgroup_dirs(cgroup_root, proc_self_cgroup)
+    v2 = [_parse_cpu_max(text) for text in _up_to(v2_dir, cgroup_root, "cpu.max")]
+    if v2:
+        return min((quota for quota in v2 if quota is not None), default=None)
+    quotas = _up_to(v1_dir, v1_mount, "cpu.cfs_quota_us")
+    periods = _up_to(v1_dir, v1_mount, "cpu.cfs_period_us")
+    v1 = [_ratio(quota, period) for quota, period in zip(quotas, periods, strict=False)]
+    return min((quota for quota in v1 if quota is not None), default=None)
+
+
+def _up_to(folder: Path, root: Path, name: str) -> list[str]:
+    """The contents of ``name`` in ``folder`` and each parent up to ``root``, where present."""
+    found = []
+    while True:
+        text = _read(folder / name)
         if text is not None:
-            return _parse_cpu_max(text)
-    for folder in (v1_dir, cgroup_root / "cpu", cgroup_root / "cpu,cpuacct"):
-        quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
-        if quota is not None and period is not None:
-            return _ratio(quota, period)
-    return None
+            found.append(text)
+        if folder == root or root not in folder.parents:
+            return found
+        folder = folder.parent
 
 
-def _own_cgroup_dirs(cgroup_root: Path, proc_self_cgroup: Path) -> tuple[Path, Path]:
-    """The folders of this process's v2 cgroup and v1 cpu cgroup (``/proc/self/cgroup``)."""
+def _own_cgroup_dirs(cgroup_root: Path, proc_self_cgroup: Path) -> tuple[Path, Path, Path]:
+    """This process's v2 cgroup folder, v1 cpu cgroup folder and the v1 cpu mount."""
     v2, v1 = "/", "/"
     for line in (_read(proc_self_cgroup) or "").splitlines():
         hierarchy, _, rest = line.partition(":")
@@ -61,7 +74,13 @@ def _own_cgroup_dirs(cgroup_root: Path, proc_self_cgroup: Path) -> tuple[Path, P
         (cgroup_root / name for name in ("cpu", "cpu,cpuacct") if (cgroup_root / name).is_dir()),
         cgroup_root / "cpu",
     )
-    return cgroup_root / v2.lstrip("/"), v1_mount / v1.lstrip("/")
+    own_v2, own_v1 = cgroup_root / v2.lstrip("/"), v1_mount / v1.lstrip("/")
+    # A path from the host's view that this mount namespace does not show: use the root.
+    return (
+        own_v2 if own_v2.is_dir() else cgroup_root,
+        own_v1 if own_v1.is_dir() else v1_mount,
+        v1_mount,
+    )
 
 
 def _parse_cpu_max(text: str) -> float | None:
@@ -100,18 +119,19 @@ class ThreadPlan:
 
 
 def plan_threads(
-    cpus: int, *, intra_op_threads: int = 0, preprocess_workers: int = 0
+    cpus: int, *, on_gpu: bool = False, intra_op_threads: int = 0, preprocess_workers: int = 0
 ) -> ThreadPlan:
     """Fill the settings left at 0 from ``cpus``.
 
-    onnxruntime gets every usable CPU: on a CPU the model is the work, and its parallel
-    regions wait for their slowest thread, so fewer threads only idle cores. Decoding
-    gets half of them (at least one thread): a decode costs a tenth of a ResNet-18 run,
-    so that keeps up with the model at any concurrency, and more threads than that only
-    preempt the model's (measured in bench/serve_bench.py, see the README).
+    onnxruntime gets every usable CPU: on a CPU the model is the work, and fewer threads
+    leave cores idle whenever no decode is running. Decoding gets half of them (at least
+    one thread): decoding a photo costs about a tenth of a ResNet-18 run, so that keeps up
+    with the model, while each decode thread more is one more to preempt the model's
+    (``bench/serve_bench.py --server-flag`` compares other splits). With the model on a
+    GPU the CPUs have little else to do than decode, so decoding gets all of them.
     """
     return ThreadPlan(
         cpus=cpus,
         intra_op_threads=intra_op_threads or cpus,
-        preprocess_workers=preprocess_workers or max(1, cpus // 2),
+        preprocess_workers=preprocess_workers or (cpus if on_gpu else max(1, cpus // 2)),
     )

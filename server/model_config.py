@@ -105,7 +105,11 @@ class VersionPolicy:
 
 @dataclass(frozen=True)
 class TrainingSummary:
+    # The dataset's folder; its kind (training.kinds) and the reader options that chose
+    # the validation split, so evaluation reads the same split.
     dataset: str = ""
+    dataset_kind: str = ""
+    dataset_options: Mapping[str, str | int | float] = field(default_factory=dict)
     trained_at: str = ""
     arch: str = ""
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -136,6 +140,7 @@ class ModelConfig:
         data["class_thresholds"] = dict(self.class_thresholds)
         data["tta"]["views"] = list(self.tta.views)
         data["training"]["metrics"] = dict(self.training.metrics)
+        data["training"]["dataset_options"] = dict(self.training.dataset_options)
         data["batching"] = {k: v for k, v in data["batching"].items() if v is not None}
         # The default policy is left out, so configs written before policies existed are unchanged.
         if self.version_policy == VersionPolicy():
@@ -336,8 +341,15 @@ def _training(raw: Any) -> TrainingSummary:
     metrics = raw.get("metrics", {})
     if not isinstance(metrics, Mapping):
         raise ConfigError("training.metrics must be a mapping of names to numbers")
+    options = raw.get("dataset_options", {})
+    if not isinstance(options, Mapping) or not all(
+        isinstance(v, str | int | float) and not isinstance(v, bool) for v in options.values()
+    ):
+        raise ConfigError("training.dataset_options must map names to strings or numbers")
     return TrainingSummary(
         dataset=str(raw.get("dataset", "")),
+        dataset_kind=str(raw.get("dataset_kind", "")),
+        dataset_options={str(k): v for k, v in options.items()},
         trained_at=str(raw.get("trained_at", "")),
         arch=str(raw.get("arch", "")),
         metrics={str(k): float(v) for k, v in metrics.items()},

@@ -11,18 +11,19 @@ Registration touches argparse only; handlers import torch when they run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .kinds import KINDS
 from .quantize import add_quantize_options
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
-
-KINDS = ("pets", "voc", "biwi")
-ARCHS = ("tiny", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small")
+    from .config import TrainConfig
 
 
 def register(subcommands: argparse._SubParsersAction[Any]) -> None:
@@ -33,7 +34,7 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     train.formatter_class = argparse.RawDescriptionHelpFormatter
     actions = train.add_subparsers(dest="train_command", required=True, metavar="ACTION")
     for kind in KINDS:
-        parser = actions.add_parser(kind, help=f"train the {kind} model")
+        parser = actions.add_parser(kind, help=f"train the {kind} model ({KINDS[kind].summary})")
         add_training_arguments(parser)
         parser.add_argument(
             "--quantize", choices=("int8",),
@@ -43,13 +44,13 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
         parser.set_defaults(handler=_train, kind=kind)
 
     lr_find = actions.add_parser("lr-find", help="sweep learning rates and suggest one")
-    lr_find.add_argument("kind", choices=KINDS)
+    lr_find.add_argument("kind", choices=tuple(KINDS))
     add_training_arguments(lr_find, with_repository=False)
     lr_find.add_argument("--out", type=Path, default=Path("lr_find.png"), help="plot file")
     lr_find.set_defaults(handler=_lr_find)
 
     make_data = actions.add_parser("make-data", help="write a small synthetic dataset")
-    make_data.add_argument("kind", choices=KINDS)
+    make_data.add_argument("kind", choices=tuple(KINDS))
     make_data.add_argument("directory", type=Path)
     make_data.add_argument("--seed", type=int, default=0)
     make_data.set_defaults(handler=_make_data)
@@ -66,83 +67,58 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
 def add_training_arguments(
     parser: argparse.ArgumentParser, *, with_repository: bool = True
 ) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="the dataset's root folder")
+    """One flag per TrainConfig field, from the field's type, default and help."""
+    from .config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
     if with_repository:
         _add_repository(parser)
-    parser.add_argument("--arch", choices=ARCHS, help="default: resnet34/50/18 for pets/voc/biwi")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--freeze-epochs", type=int, default=1)
-    parser.add_argument("--lr", type=float, help="default: lr_find's suggestion")
-    parser.add_argument(
-        "--size",
-        type=image_size,
-        help="model input: SIDE or HEIGHTxWIDTH (default 224, biwi 240x320)",
-    )
-    parser.add_argument(
-        "--presize", type=image_size, help="item size before batch augmentation (default 1.5x)"
-    )
-    parser.add_argument("--bs", type=int, default=64, help="batch size per process")
-    parser.add_argument("--resize-method", choices=("crop", "squish", "pad"), default="crop")
-    parser.add_argument(
-        "--weights", help="pretrained state dict (.pth), or 'none' for random initialisation"
-    )
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--mixup", type=float, default=0.0, help="Beta alpha; 0 = off")
-    parser.add_argument(
-        "--no-mixed-precision", dest="mixed_precision", action="store_false",
-        help="train in float32 on CUDA too",
-    )  # fmt: skip
-    parser.add_argument("--cpu-bf16", action="store_true", help="bfloat16 autocast on the CPU")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad file")
-    parser.add_argument("--valid-person", help="biwi: the person held out (default 13)")
-    parser.add_argument("--valid-pct", type=float, help="pets: share held out (default 0.2)")
-    parser.add_argument("--name", help="model name in the repository (default: the kind)")
-    parser.add_argument("--num-workers", type=int, default=0, help="loader processes")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if not meta["cli"]:
+            continue
+        flag = meta["flag"] or "--" + field.name.replace("_", "-")
+        kind = _value_type(hints[field.name])
+        if kind is bool:
+            if field.default:
+                no_flag = "--no-" + flag.removeprefix("--")
+                parser.add_argument(
+                    no_flag, dest=field.name, action="store_false", help="off: " + meta["help"]
+                )
+            else:
+                parser.add_argument(flag, dest=field.name, action="store_true", help=meta["help"])
+            continue
+        default = None if field.default is dataclasses.MISSING else field.default
+        shown = "" if default is None else f" (default {default})"
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            type=meta["parse"] or kind,
+            choices=meta["choices"],
+            default=default,
+            required=field.name == "data",
+            help=meta["help"] + shown,
+        )
 
 
-def image_size(text: str) -> tuple[int, int]:
-    """``224`` or ``240x320`` (height x width)."""
-    try:
-        sides = [int(part) for part in text.lower().split("x")]
-    except ValueError:
-        sides = []
-    if len(sides) not in (1, 2) or min(sides) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected SIDE or HEIGHTxWIDTH in pixels")
-    return (sides[0], sides[-1])
+def _value_type(annotation: Any) -> Any:
+    """``int`` for ``int | None``: the type a flag's text is parsed to."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (inner,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return _value_type(inner)
+    return annotation
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
-    return TrainConfig(
-        kind=args.kind,
-        data=args.data,
-        repository=getattr(args, "repository", None) or Path("."),
-        arch=args.arch,
-        epochs=args.epochs,
-        freeze_epochs=args.freeze_epochs,
-        lr=args.lr,
-        size=args.size,
-        presize=args.presize,
-        bs=args.bs,
-        resize_method=args.resize_method,
-        weights=args.weights,
-        seed=args.seed,
-        label_smoothing=args.label_smoothing,
-        mixup=args.mixup,
-        mixed_precision=args.mixed_precision,
-        cpu_bf16=args.cpu_bf16,
-        device=args.device,
-        strict=args.strict,
-        valid_person=args.valid_person,
-        valid_pct=args.valid_pct,
-        model_name=args.name,
-        num_workers=args.num_workers,
-        quiet=args.quiet,
-    )
+    values = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainConfig)
+        if hasattr(args, field.name)
+    }
+    values["repository"] = values.get("repository") or Path(".")
+    return TrainConfig(**values)
 
 
 def _add_repository(parser: argparse.ArgumentParser) -> None:
@@ -155,12 +131,12 @@ def _add_repository(parser: argparse.ArgumentParser) -> None:
 
 def _failures() -> tuple[type[Exception], ...]:
     """Errors with a message meant for the user: printed without a traceback."""
+    from .config import TrainConfigError
     from .datasets import DatasetError
     from .export import ExportParityError
-    from .models import WeightsNotFound
-    from .train import TrainConfigError
+    from .models import UnknownArchitecture, WeightsNotFound
 
-    return DatasetError, WeightsNotFound, ExportParityError, TrainConfigError
+    return DatasetError, WeightsNotFound, ExportParityError, TrainConfigError, UnknownArchitecture
 
 
 def _train(args: argparse.Namespace) -> int:

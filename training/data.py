@@ -1,11 +1,12 @@
 """Datasets to PyTorch DataLoaders: presized training items, server-identical validation items.
 
 Training items are decoded with the server's ``decode_for_model`` and presized on the CPU
-with its ``prepare`` (larger than the model's input, fastai's presizing); the learner moves
-a batch to the device and calls ``augment_batch``, which crops to the final size. Validation
-items take exactly the server's path, ``prepare(decode_for_model(bytes, spec), spec)`` (a
-large JPEG decoded at a reduced scale included), so a metric measured here is the metric of
-the served model.
+with its ``prepare`` (larger than the model's input, fastai's presizing); with ``crop`` the
+presize window sits at a random position in the picture each time an item is drawn, as
+fastai's training-split RandomCrop. The learner moves a batch to the device and calls
+``augment_batch``, which crops to the final size. Validation items take exactly the
+server's path, ``prepare(decode_for_model(bytes, spec), spec)`` (a large JPEG decoded at a
+reduced scale included), so a metric measured here is the metric of the served model.
 
 Batches are ``(uint8 [N, H, W, 3], targets)``: int64 class indices (classification),
 float multi-hot ``[N, C]`` (multilabel), or float ``[N, K, 2]`` points normalised to the
@@ -14,6 +15,9 @@ batch's frame (points).
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,31 +51,76 @@ class DataLoaders:
 
 
 class PreparedItems(TorchDataset[tuple[Tensor, Tensor]]):
-    """Items decoded and prepared to one InputSpec, with targets in that frame."""
+    """Items decoded and prepared to one InputSpec, with targets in that frame.
+
+    ``random_crop`` (``crop`` specs only) keeps each picture resized to cover the spec and
+    cuts the spec's window at a random position on every draw. The position depends on
+    the seed, the index and how often this process drew it, so worker processes give the
+    same first epoch as the main one.
+    """
 
     def __init__(
-        self, items: Sequence[Item], spec: InputSpec, task: str, classes: int, *, cache: bool
+        self,
+        items: Sequence[Item],
+        spec: InputSpec,
+        task: str,
+        classes: int,
+        *,
+        cache: bool,
+        random_crop: bool = False,
+        seed: int = 0,
     ) -> None:
         self.items = list(items)
         self.spec = spec
         self.task = task
         self.classes = classes
+        self.random_crop = random_crop and spec.resize_method == "crop"
+        self.seed = seed
+        self.draws: dict[int, int] = {}
+        # Covering pictures are larger than the spec along one side; the budget is a guide.
         fits = len(self.items) * spec.height * spec.width * 3 <= CACHE_BYTES
-        self.cache: dict[int, tuple[Tensor, Tensor]] | None = {} if cache and fits else None
+        self.cache: dict[int, tuple[Tensor, Geometry]] | None = {} if cache and fits else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        pixels, geometry = self.prepared(index)
+        if self.random_crop:
+            pixels, geometry = self._window(index, pixels, geometry)
+        return pixels, self.target(self.items[index], geometry)
+
+    def prepared(self, index: int) -> tuple[Tensor, Geometry]:
+        """The item's pixels (covering the spec with ``random_crop``) and their geometry."""
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        item = self.items[index]
-        pixels, geometry = prepare(decode_for_model(item.path.read_bytes(), self.spec), self.spec)
+        decoded = decode_for_model(self.items[index].path.read_bytes(), self.spec)
+        spec = self.spec
+        if self.random_crop:
+            spec = _covering(decoded.image.width, decoded.image.height, self.spec)
+        pixels, geometry = prepare(decoded, spec)
         # PIL's arrays are read-only, which torch tensors cannot express.
-        example = torch.from_numpy(pixels.copy()), self.target(item, geometry)
+        example = torch.from_numpy(pixels.copy()), geometry
         if self.cache is not None:
             self.cache[index] = example
         return example
+
+    def _window(self, index: int, pixels: Tensor, geometry: Geometry) -> tuple[Tensor, Geometry]:
+        draw = self.draws.get(index, 0)
+        self.draws[index] = draw + 1
+        rng = random.Random(hash((self.seed, index, draw)))
+        height, width = self.spec.height, self.spec.width
+        top = rng.randint(0, pixels.shape[0] - height)
+        left = rng.randint(0, pixels.shape[1] - width)
+        window = pixels[top : top + height, left : left + width].contiguous()
+        moved = dataclasses.replace(
+            geometry,
+            offset_x=geometry.offset_x + geometry.scale_x * left,
+            offset_y=geometry.offset_y + geometry.scale_y * top,
+            input_width=width,
+            input_height=height,
+        )
+        return window, moved
 
     def target(self, item: Item, geometry: Geometry) -> Tensor:
         if self.task == "classification":
@@ -107,7 +156,9 @@ def make_loaders(
     # Worker processes would each fill a cache of their own: only cache in this process.
     cache = num_workers == 0
     train_spec = InputSpec(presize[0], presize[1], resize_method)
-    train_items = PreparedItems(dataset.train, train_spec, dataset.task, classes, cache=cache)
+    train_items = PreparedItems(
+        dataset.train, train_spec, dataset.task, classes, cache=cache, random_crop=True, seed=seed
+    )
     valid_items = PreparedItems(dataset.valid, spec, dataset.task, classes, cache=cache)
     shard = distributed and dist.is_available() and dist.is_initialized()
     train_sampler: Sampler[int]
@@ -140,6 +191,16 @@ def make_loaders(
         vocab=dataset.vocab,
         spec=spec,
         valid_geometries=[_geometry(item, spec) for item in dataset.valid],
+    )
+
+
+def _covering(width: int, height: int, spec: InputSpec) -> InputSpec:
+    """A squish to the smallest size at the picture's aspect that covers ``spec``."""
+    scale = max(spec.height / height, spec.width / width)
+    return InputSpec(
+        max(spec.height, math.ceil(height * scale - 1e-6)),
+        max(spec.width, math.ceil(width * scale - 1e-6)),
+        "squish",
     )
 
 

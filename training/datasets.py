@@ -4,13 +4,18 @@
   in the root itself); the breed is the file name less its number, a seeded random 20%
   is held out.
 * ``voc``: PASCAL VOC 2007 as fastai ships it: ``train.csv`` (``fname,labels,is_valid``)
-  and the images in ``train/``; labels are space separated.
+  and the images in ``train/``; labels are space separated. ``valid_pct`` replaces the
+  ``is_valid`` column with a seeded random split (fastai's RandomSplitter), for a csv
+  whose rows are all one split.
 * ``biwi``: fastai's BIWI head pose sample: one folder per person (``01`` .. ``24``) with
   ``frame_NNNNN_rgb.jpg``, ``frame_NNNNN_pose.txt`` and the camera's ``rgb.cal``; the
-  target is the head centre projected into the image, one person is held out.
+  target is the head centre projected into the image, one person is held out (``1``
+  names the folder ``01``).
 
 A bad file is reported in ``Dataset.skipped`` (and logged), or raises ``DatasetError``
-when ``strict=True``. This module imports no torch: evaluation tools read datasets with
+when ``strict=True``. With ``need_train=False`` (evaluation) only the validation split
+must be there. A split left empty is an error that says which option fixes it. This
+module imports no torch: evaluation tools read datasets with
 only the server extra installed.
 """
 
@@ -32,9 +37,10 @@ from PIL import Image
 
 from visionrpc.server.preprocess import ImageLimits
 
+from .kinds import get_kind
+
 log = logging.getLogger(__name__)
 
-KINDS = ("pets", "voc", "biwi")
 PETS_NAME = re.compile(r"^(.+)_\d+\.jpg$")
 VOC_HEADER = ["fname", "labels", "is_valid"]
 BIWI_POINT_NAMES = ("head_center",)
@@ -70,6 +76,8 @@ class Dataset:
     valid: list[Item]
     root: Path
     skipped: list[tuple[Path, str]]
+    # How the validation split was chosen, in words (printed beside its numbers).
+    split: str = ""
 
 
 class _Skips:
@@ -91,10 +99,14 @@ class _Skips:
 
 
 def read_pets(
-    root: Path, *, valid_pct: float = 0.2, seed: int = 42, strict: bool = False
+    root: Path,
+    *,
+    valid_pct: float = 0.2,
+    seed: int = 42,
+    strict: bool = False,
+    need_train: bool = True,
 ) -> Dataset:
-    if not 0.0 <= valid_pct < 1.0:
-        raise DatasetError(f"valid_pct must be in [0, 1), not {valid_pct}")
+    _check_valid_pct(valid_pct)
     root = Path(root)
     folder = root / "images" if (root / "images").is_dir() else root
     if not folder.is_dir():
@@ -116,21 +128,31 @@ def read_pets(
     vocab = tuple(sorted({breed for _, breed in labelled}))
     index = {breed: i for i, breed in enumerate(vocab)}
     items = [Item(path, index[breed]) for path, breed in labelled]
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    valid_ids = set(order[: round(valid_pct * len(items))])
+    train, valid = _random_split(items, valid_pct, seed)
+    split = f"a random {valid_pct:.0%} (seed {seed})"
+    _check_splits(folder, train, valid, need_train, "use --valid-pct between 0 and 1")
     return Dataset(
         kind="pets",
         task="classification",
         vocab=vocab,
-        train=[item for i, item in enumerate(items) if i not in valid_ids],
-        valid=[item for i, item in enumerate(items) if i in valid_ids],
+        train=train,
+        valid=valid,
         root=root,
         skipped=skips.found,
+        split=split,
     )
 
 
-def read_voc(root: Path, *, strict: bool = False) -> Dataset:
+def read_voc(
+    root: Path,
+    *,
+    valid_pct: float | None = None,
+    seed: int = 42,
+    strict: bool = False,
+    need_train: bool = True,
+) -> Dataset:
+    if valid_pct is not None:
+        _check_valid_pct(valid_pct)
     root = Path(root)
     csv_path = root / "train.csv"
     if not csv_path.is_file():
@@ -167,30 +189,65 @@ def read_voc(root: Path, *, strict: bool = False) -> Dataset:
     def item(path: Path, labels: tuple[str, ...]) -> Item:
         return Item(path, tuple(sorted({index[label] for label in labels})))
 
+    if valid_pct is not None:
+        items = [item(path, labels) for path, (labels, _) in rows]
+        train, valid = _random_split(items, valid_pct, seed)
+        split = f"a random {valid_pct:.0%} (seed {seed}), not is_valid"
+    else:
+        train = [item(path, labels) for path, (labels, valid) in rows if not valid]
+        valid = [item(path, labels) for path, (labels, valid) in rows if valid]
+        split = "the is_valid=True rows"
+        if not valid or (need_train and not train):
+            only = "True" if valid else "False"
+            raise DatasetError(
+                f"{csv_path}: all {len(rows)} usable rows have is_valid={only}, so there is "
+                f"nothing to {'train' if valid else 'validate'} on; pass --valid-pct 0.2 to "
+                "hold out a random share instead (as fastai's RandomSplitter)"
+            )
+    _check_splits(csv_path, train, valid, need_train, "use --valid-pct between 0 and 1")
     return Dataset(
         kind="voc",
         task="multilabel",
         vocab=vocab,
-        train=[item(path, labels) for path, (labels, valid) in rows if not valid],
-        valid=[item(path, labels) for path, (labels, valid) in rows if valid],
+        train=train,
+        valid=valid,
         root=root,
         skipped=skips.found,
+        split=split,
     )
 
 
-def read_biwi(root: Path, *, valid_person: str = "13", strict: bool = False) -> Dataset:
+def read_biwi(
+    root: Path, *, valid_person: str = "13", strict: bool = False, need_train: bool = True
+) -> Dataset:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
     people = sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit())
     if not people:
-        raise DatasetError(f"{root}: no person folders (01, 02, ...)")
-    if valid_person not in {p.name for p in people}:
-        raise DatasetError(f"{root / valid_person}: the validation person's folder is missing")
+        hint = ""
+        if any(root.glob("frame_*_rgb.jpg")):
+            hint = f"; it holds frames itself, as one person's folder: use --data {root.parent}"
+        raise DatasetError(f"{root}: no person folders (01, 02, ...){hint}")
+    found = ", ".join(p.name for p in people)
+    held_out = _person_folder(people, valid_person)
+    if held_out is None:
+        raise DatasetError(
+            f"{root}: no folder for validation person {valid_person!r}; person folders "
+            f"found: {found}. Choose the held-out one with --valid-person (1 matches 01)"
+        )
+    if need_train and len(people) == 1:
+        raise DatasetError(
+            f"{root}: the only person folder is {found}, the validation person; training "
+            "needs frames of another person: add their folders, or point --data at the "
+            "folder that holds all of them"
+        )
     skips = _Skips(strict)
     train: list[Item] = []
     valid: list[Item] = []
     for person in people:
+        if person != held_out and not need_train:
+            continue  # evaluation reads only the held-out person
         try:
             intrinsics = read_calibration(person / "rgb.cal")
         except DatasetError as exc:
@@ -203,10 +260,11 @@ def read_biwi(root: Path, *, valid_person: str = "13", strict: bool = False) -> 
                 frames.append((image_path, project(read_pose_centre(pose_path), intrinsics)))
             except DatasetError as exc:
                 skips.add_error(pose_path, exc)
-        split = valid if person.name == valid_person else train
+        split = valid if person == held_out else train
         split.extend(Item(path, centre) for path, centre in _decodable(frames, skips))
-    if not train or not valid:
-        raise DatasetError(f"{root}: needs usable frames both in and outside {valid_person}")
+    _check_splits(
+        root / held_out.name, train, valid, need_train, "choose another with --valid-person"
+    )
     return Dataset(
         kind="biwi",
         task="points",
@@ -215,19 +273,17 @@ def read_biwi(root: Path, *, valid_person: str = "13", strict: bool = False) -> 
         valid=valid,
         root=root,
         skipped=skips.found,
+        split=f"person {held_out.name}",
     )
 
 
 def read_dataset(kind: str, root: Path, **options: Any) -> Dataset:
     """Read a dataset by kind; options go to the reader (``strict``, ``valid_pct``, ...)."""
-    readers: dict[str, Callable[..., Dataset]] = {
-        "pets": read_pets,
-        "voc": read_voc,
-        "biwi": read_biwi,
-    }
-    if kind not in readers:
-        raise DatasetError(f"unknown dataset kind {kind!r}: use one of {', '.join(KINDS)}")
-    return readers[kind](Path(root), **options)
+    try:
+        reader: Callable[..., Dataset] = globals()[get_kind(kind).reader]
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
+    return reader(Path(root), **options)
 
 
 def read_calibration(path: Path) -> tuple[float, float, float, float]:
@@ -271,6 +327,42 @@ def image_problem(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> str | Non
             image.load()
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
         return f"not a decodable image: {exc}"
+    return None
+
+
+def _check_valid_pct(valid_pct: float) -> None:
+    if not 0.0 < valid_pct < 1.0:
+        raise DatasetError(f"--valid-pct must be between 0 and 1, not {valid_pct}")
+
+
+def _random_split(items: list[Item], valid_pct: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """fastai's RandomSplitter: a seeded shuffle, the first ``valid_pct`` held out."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    valid_ids = set(order[: round(valid_pct * len(items))])
+    train = [item for i, item in enumerate(items) if i not in valid_ids]
+    valid = [item for i, item in enumerate(items) if i in valid_ids]
+    return train, valid
+
+
+def _check_splits(
+    where: Path, train: list[Item], valid: list[Item], need_train: bool, remedy: str
+) -> None:
+    if not valid:
+        raise DatasetError(f"{where}: no usable validation images; {remedy}")
+    if need_train and not train:
+        raise DatasetError(f"{where}: no usable training images; {remedy}")
+
+
+def _person_folder(people: list[Path], wanted: str) -> Path | None:
+    """The folder named ``wanted``, or numbered like it (``1`` is ``01``)."""
+    for person in people:
+        if person.name == wanted:
+            return person
+    if wanted.isdigit():
+        for person in people:
+            if int(person.name) == int(wanted):
+                return person
     return None
 
 

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import TrainConfig
 from .synthetic import make_dataset
-from .train import TrainConfig, TrainResult, train
+from .train import TrainResult, train
 
 
 @dataclass(frozen=True)

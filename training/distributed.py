@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from .cli import KINDS, add_training_arguments, config_from_args
+from .cli import add_training_arguments, config_from_args
+from .kinds import KINDS
 from .train import train
 
 
@@ -28,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="torchrun --nproc_per_node N -m visionrpc.training.distributed",
         description=__doc__.splitlines()[0],
     )
-    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("kind", choices=tuple(KINDS))
     add_training_arguments(parser)
     args = parser.parse_args(argv)
     if "LOCAL_RANK" not in os.environ:

@@ -101,6 +101,8 @@ def build_config(
     threshold: float,
     metrics: Mapping[str, float],
     dataset: str,
+    dataset_kind: str,
+    dataset_options: Mapping[str, str | int | float],
     arch: str,
 ) -> ModelConfig:
     return ModelConfig(
@@ -113,6 +115,8 @@ def build_config(
         tta=TTAConfig(enabled=False, views=("flip",)),
         training=TrainingSummary(
             dataset=dataset,
+            dataset_kind=dataset_kind,
+            dataset_options=dict(dataset_options),
             trained_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             arch=arch,
             metrics=dict(metrics),

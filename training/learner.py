@@ -30,7 +30,10 @@ from .tasks import Task
 
 # (images float NCHW in [0, 1], points [N, K, 2] or None) -> the same, augmented.
 BatchTransform = Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
-LearningRate = float | tuple[float, float]
+# One rate for all layer groups, (body, head) spread geometrically, or one per group.
+LearningRate = float | tuple[float, float] | list[float]
+# fastai's freeze phase, ``slice(lr)``: every body group at a tenth of the head's rate.
+FROZEN_BODY_DIV = 10.0
 
 
 class Loaders(Protocol):
@@ -67,6 +70,8 @@ class EpochRecord:
     seconds: float
     train_seconds: float
     train_images: int
+    # The schedule's peak rate for each layer group, body first.
+    peak_lrs: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,10 @@ def spread_lr(lr: LearningRate, n_groups: int) -> list[float]:
     """A float for every group, or (low, high) spread geometrically from the body to the head."""
     if isinstance(lr, int | float):
         return [float(lr)] * n_groups
+    if isinstance(lr, list):
+        if len(lr) != n_groups:
+            raise ValueError(f"{len(lr)} learning rates for {n_groups} layer groups")
+        return [float(rate) for rate in lr]
     low, high = lr
     return [low * (high / low) ** (i / (n_groups - 1)) for i in range(n_groups)]
 
@@ -171,8 +180,9 @@ class Learner:
         self.random = random.Random(seed)
         if options.mixup and not task.supports_mixup:
             raise ValueError(f"mixup does not apply to the {task.name} task")
+        self.layer_groups = len(model.param_groups())
         self.optimizer = torch.optim.AdamW(
-            [{"params": group} for group in model.param_groups()],
+            optimizer_groups(model, options.weight_decay),
             lr=1e-3,
             betas=(0.9, 0.99),
             eps=1e-5,
@@ -192,7 +202,9 @@ class Learner:
         """Train the head with the body frozen, then everything with discriminative rates."""
         if freeze_epochs:
             self.model.freeze_body()
-            self.fit_one_cycle(freeze_epochs, base_lr, pct_start=0.99)
+            # The body's BatchNorm layers still train, at the body's rate, not the head's.
+            body = [base_lr / FROZEN_BODY_DIV] * (self.layer_groups - 1)
+            self.fit_one_cycle(freeze_epochs, [*body, base_lr], pct_start=0.99)
         # fastai halves the rate once the body is unfrozen and gives the earliest layers 1/100.
         base_lr /= 2
         self.model.unfreeze()
@@ -206,7 +218,7 @@ class Learner:
         pct_start: float = 0.25,
         div: float = 25.0,
     ) -> list[EpochRecord]:
-        group_lrs = spread_lr(lr_max, len(self.optimizer.param_groups))
+        layer_lrs = spread_lr(lr_max, self.layer_groups)
         net = self._training_net()
         steps_per_epoch = len(self.loaders.train)
         total_steps = epochs * steps_per_epoch
@@ -220,7 +232,8 @@ class Learner:
             running, seen = 0.0, 0
             for step, (images, targets) in enumerate(self._progress()):
                 progress = (epoch * steps_per_epoch + step) / total_steps
-                for group, lr in zip(self.optimizer.param_groups, group_lrs, strict=True):
+                for group in self.optimizer.param_groups:
+                    lr = layer_lrs[group["layer"]]
                     group["lr"], momentum = one_cycle(progress, lr, pct_start=pct_start, div=div)
                     group["betas"] = (momentum, group["betas"][1])
                 loss = self._train_step(net, images, targets)
@@ -240,6 +253,7 @@ class Learner:
                 seconds=time.perf_counter() - started,
                 train_seconds=train_seconds,
                 train_images=seen,
+                peak_lrs=tuple(layer_lrs),
             )
             if epoch == 0:
                 self.log(_table_header(metrics))
@@ -370,6 +384,34 @@ class Learner:
     def _endless_train_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         while True:
             yield from self.loaders.train
+
+
+def optimizer_groups(model: VisionModel, weight_decay: float) -> list[dict[str, Any]]:
+    """Two optimizer groups per layer group: weights decayed, BatchNorm and biases not.
+
+    As fastai (``bn_wd=False``): decaying a BatchNorm scale or a bias towards zero only
+    fights the normalisation and costs accuracy. ``layer`` is the layer group's index.
+    """
+    exempt = {id(p) for p in no_weight_decay(model)}
+    groups = []
+    for layer, params in enumerate(model.param_groups()):
+        for decayed in (True, False):
+            chosen = [p for p in params if (id(p) not in exempt) == decayed]
+            if chosen:
+                rate = weight_decay if decayed else 0.0
+                groups.append({"params": chosen, "layer": layer, "weight_decay": rate})
+    return groups
+
+
+def no_weight_decay(model: nn.Module) -> list[nn.Parameter]:
+    """Every bias, and every parameter of a normalisation layer."""
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    exempt: list[nn.Parameter] = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, norms) or name == "bias":
+                exempt.append(param)
+    return exempt
 
 
 def _share_first_process_buffers(net: nn.Module) -> None:

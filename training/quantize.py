@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .kinds import KINDS
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -75,7 +77,7 @@ def register(subcommands: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--model", required=True, help="model name in the repository")
     parser.add_argument("--version", type=int, help="float version to quantize (default newest)")
     parser.add_argument("--data", type=Path, help="dataset root (default: training's)")
-    parser.add_argument("--kind", choices=("pets", "voc", "biwi"), help="dataset kind")
+    parser.add_argument("--kind", choices=tuple(KINDS), help="dataset kind")
     add_quantize_options(parser)
     parser.set_defaults(handler=_run)
 
@@ -269,29 +271,17 @@ def _input_name(model_file: Path) -> str:
 def _dataset_of(
     version_dir: Path, config: ModelConfig, data: Path | None, kind: str | None
 ) -> Dataset:
-    """The dataset and split training used, from the checkpoint; flags override them."""
+    """The dataset and split training used, from the model config; flags override them."""
     from .datasets import read_dataset
-    from .evaluate import KIND_OF_TASK
+    from .kinds import kind_of_task
 
-    options: dict[str, Any] = {}
-    checkpoint_file = version_dir / "checkpoint.pt"
-    if checkpoint_file.is_file():
-        import torch
-
-        trained = torch.load(checkpoint_file, weights_only=True).get("train_config", {})
-        kind = kind or trained.get("kind")
-        data = data or (Path(trained["data"]) if trained.get("data") else None)
-        if trained.get("kind") == "pets":
-            options["seed"] = trained.get("seed", 42)
-            if trained.get("valid_pct") is not None:
-                options["valid_pct"] = trained["valid_pct"]
-        if trained.get("valid_person") is not None:
-            options["valid_person"] = trained["valid_person"]
+    training = config.training
+    kind = kind or training.dataset_kind or kind_of_task(config.task)
+    options = dict(training.dataset_options) if kind == training.dataset_kind else {}
+    data = data or (Path(training.dataset) if training.dataset else None)
     if data is None:
-        raise QuantizationError(
-            f"{version_dir} has no training checkpoint naming its dataset: pass --data"
-        )
-    return read_dataset(kind or KIND_OF_TASK[config.task], data, **options)
+        raise QuantizationError(f"{version_dir}: its config names no dataset folder: pass --data")
+    return read_dataset(kind, data, **options)
 
 
 def _judge(

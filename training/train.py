@@ -24,64 +24,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .augment import AugmentConfig, augment_batch
+from .augment import augment_batch, augment_for_task
+from .config import TrainConfig, TrainConfigError
 from .data import DataLoaders, make_loaders
 from .datasets import Dataset, read_dataset
 from .export import build_config, export_to_repository, serving_model
+from .kinds import get_kind
 from .learner import BatchTransform, Learner, LearnerOptions, LRFindResult, is_main_process
-from .models import create_model, resolve_weights
+from .models import create_model, get_architecture, resolve_weights
 from .plots import lr_find_curve
 from .tasks import Evaluation, Task, get_task
 
-# fastai's book chapters: resnet34 for pets, resnet50 for PASCAL, resnet18 for BIWI.
-DEFAULT_ARCH = {"pets": "resnet34", "voc": "resnet50", "biwi": "resnet18"}
-# BIWI frames are 640x480: a 4:3 input keeps the whole frame, and so every head, in view.
-DEFAULT_SIZE = {"pets": (224, 224), "voc": (224, 224), "biwi": (240, 320)}
 PARITY_BATCHES = 4
-
-
-class TrainConfigError(ValueError):
-    """Options that do not fit together, such as mixup for point regression."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    kind: str
-    data: Path
-    repository: Path
-    arch: str | None = None
-    epochs: int = 4
-    freeze_epochs: int = 1
-    # None: use lr_find's suggestion.
-    lr: float | None = None
-    # (height, width) of the model's input (None: the kind's default), and of the items
-    # before batch augmentation.
-    size: tuple[int, int] | None = None
-    presize: tuple[int, int] | None = None
-    bs: int = 64
-    resize_method: str = "crop"
-    # A state-dict path, "none" for random weights, or None for the architecture's default.
-    weights: str | None = None
-    seed: int = 42
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    mixed_precision: bool = True
-    cpu_bf16: bool = False
-    device: str = "auto"
-    strict: bool = False
-    valid_person: str | None = None
-    valid_pct: float | None = None
-    model_name: str | None = None
-    num_workers: int = 0
-    quiet: bool = False
-
-    @property
-    def arch_name(self) -> str:
-        return self.arch or DEFAULT_ARCH[self.kind]
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.size or DEFAULT_SIZE[self.kind]
 
 
 @dataclass
@@ -121,10 +75,11 @@ def open_session(config: TrainConfig) -> Session:
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     weights_file = resolve_weights(config.arch_name, config.weights)
-    dataset = read_dataset(config.kind, config.data, **_reader_options(config))
+    dataset = read_dataset(config.kind, config.data, **config.reader_options())
+    size = input_size(config)
     loaders = make_loaders(
         dataset,
-        size=config.input_size,
+        size=size,
         presize=config.presize,
         bs=config.bs,
         resize_method=config.resize_method,
@@ -143,7 +98,7 @@ def open_session(config: TrainConfig) -> Session:
         loaders,
         task,
         device=device,
-        augment=_augmenter(config),
+        augment=_augmenter(config, dataset.task, size),
         options=LearnerOptions(
             label_smoothing=config.label_smoothing,
             mixup=config.mixup,
@@ -215,7 +170,9 @@ def _publish(
         spec=session.loaders.spec,
         threshold=evaluation.threshold,
         metrics=metrics,
-        dataset=f"{config.kind}:{config.data}",
+        dataset=str(config.data),
+        dataset_kind=config.kind,
+        dataset_options={k: v for k, v in config.reader_options().items() if k != "strict"},
         arch=config.arch_name,
     )
     with tempfile.TemporaryDirectory(prefix="visionrpc-train-") as work:
@@ -248,8 +205,32 @@ def _publish(
     return version_dir
 
 
-def _augmenter(config: TrainConfig) -> BatchTransform:
-    augment_config = AugmentConfig(size=config.input_size)
+def input_size(config: TrainConfig) -> tuple[int, int]:
+    """``--size``, else the kind's default at the height the backbone was trained at."""
+    if config.size is not None:
+        return config.size
+    height, width = get_kind(config.kind).default_size
+    trained = get_architecture(config.arch_name).preprocessing.input_size
+    if trained is None:
+        return height, width
+    # The kind's shape (BIWI's 4:3 keeps every head in view) at the backbone's scale.
+    return trained[0], round(width * trained[0] / height)
+
+
+def _augmenter(config: TrainConfig, task: str, size: tuple[int, int]) -> BatchTransform:
+    try:
+        augment_config = augment_for_task(
+            task,
+            size,
+            min_scale=config.min_scale,
+            max_rotate=config.max_rotate,
+            max_lighting=config.max_lighting,
+            max_warp=config.max_warp,
+            max_zoom=config.max_zoom,
+            flip_p=config.flip_p,
+        )
+    except ValueError as exc:
+        raise TrainConfigError(f"augmentation: {exc}") from None
     # A few random numbers per image: drawn on the CPU, the same on any device.
     generator = torch.Generator()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -259,21 +240,6 @@ def _augmenter(config: TrainConfig) -> BatchTransform:
         return augment_batch(images, points, augment_config, generator)
 
     return augment
-
-
-def _reader_options(config: TrainConfig) -> dict[str, Any]:
-    options: dict[str, Any] = {"strict": config.strict}
-    if config.kind == "pets":
-        options["seed"] = config.seed
-        if config.valid_pct is not None:
-            options["valid_pct"] = config.valid_pct
-    elif config.valid_pct is not None:
-        raise TrainConfigError(f"--valid-pct applies to pets only; {config.kind} has its own split")
-    if config.valid_person is not None:
-        if config.kind != "biwi":
-            raise TrainConfigError("--valid-person applies to biwi only")
-        options["valid_person"] = config.valid_person
-    return options
 
 
 def _first_valid_images(loaders: DataLoaders, count: int) -> tuple[Tensor, Tensor]:

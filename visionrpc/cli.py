@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from visionrpc import __version__
 
 Handler = Callable[[argparse.Namespace], int]
+# Commands whose every dependency comes with the train extra (Pillow and numpy included).
+TRAINING_COMMANDS = frozenset({"train", "quantize"})
+TRAINING_MODULES = frozenset({"torch", "torchvision", "onnx", "onnxscript", "timm", "matplotlib"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except ModuleNotFoundError as exc:
-        extra = {"torch": "train", "torchvision": "train", "onnx": "train"}.get(
-            (exc.name or "").split(".")[0], "server"
-        )
+        module = (exc.name or "").split(".")[0]
+        training = args.command in TRAINING_COMMANDS or module in TRAINING_MODULES
+        extra = "train" if training else "server"
         print(
             f"visionrpc {args.command}: missing module {exc.name!r}; "
             f"install it with: pip install 'visionrpc[{extra}]'",

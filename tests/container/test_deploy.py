@@ -140,7 +140,8 @@ def test_services_budget_and_autoscaler_point_at_the_deployments_pods(
     autoscaler = objects["HorizontalPodAutoscaler", "visionrpc"]["spec"]
     assert autoscaler["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert autoscaler["minReplicas"] >= 2
-    assert autoscaler["metrics"][0]["resource"]["name"] == "cpu"
+    # What each variant scales on (CPU, or queue depth on GPU): tests/deploy/test_monitoring.py.
+    assert autoscaler["metrics"]
 
 
 def test_gpu_overlay_asks_for_one_gpu_and_the_gpu_image() -> None:

@@ -10,15 +10,20 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.container.engine import missing_or_skip
+
 NODE_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "node"
 
 
 def run_node(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     node = shutil.which("node")
-    assert node is not None, "node is missing: run `make system-deps`"
-    assert (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir(), (
-        "the Node example's packages are missing: run `make node-deps`"
+    missing_or_skip([] if node else ["node is not installed"])
+    missing_or_skip(
+        []
+        if (NODE_EXAMPLE / "node_modules" / "@grpc" / "grpc-js").is_dir()
+        else ["examples/node's packages are not installed (make node-deps)"]
     )
+    assert node is not None
     return subprocess.run(
         [node, script, *args],
         cwd=NODE_EXAMPLE,

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.container.engine import missing_or_skip
+
 REPO = Path(__file__).resolve().parents[2]
 BUF = REPO / "node_modules" / ".bin" / "buf"
 
 
 def _buf_lint(root: Path) -> subprocess.CompletedProcess[str]:
-    assert BUF.exists(), "buf is missing: run `make node_modules/.installed` (npm ci)"
+    missing_or_skip([] if BUF.exists() else ["buf is not installed (make node-deps)"])
     return subprocess.run(
         [str(BUF), "lint", "--error-format", "text"],
         cwd=root,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,8 +16,7 @@ from PIL import Image
 from tests.helpers.onnx_models import write_channel_mean_classifier, write_channel_mean_multilabel
 from tests.helpers.server import RunningServer, server_in_thread
 from tests.semantics.asymmetric_models import write_fixed_point_model
-from visionrpc.protos import inference_pb2 as pb
-from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.client import Client
 from visionrpc.training.datasets import Item, read_biwi, read_pets, read_voc
 from visionrpc.training.evaluate import EvaluationError, evaluate_served, register
 from visionrpc.training.synthetic import make_biwi
@@ -75,13 +74,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
         yield server
 
 
-def stub_and_info(
-    channel: grpc.Channel, model: str
-) -> tuple[pb_grpc.InferenceServiceStub, pb.ModelInfo]:
-    stub = pb_grpc.InferenceServiceStub(channel)
-    return stub, stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=30)
-
-
 def test_error_rate_counts_the_wrong_top_1_labels(served: RunningServer, tmp_path: Path) -> None:
     shown = pets_layout(tmp_path)
     dataset = read_pets(tmp_path, seed=1, valid_pct=0.5)
@@ -89,9 +81,9 @@ def test_error_rate_counts_the_wrong_top_1_labels(served: RunningServer, tmp_pat
         shown[item.path.name] != item.path.name.split("_")[0] for item in dataset.valid
     ) / len(dataset.valid)
     assert 0 < expected < 1
-    with grpc.insecure_channel(served.address) as channel:
-        stub, info = stub_and_info(channel, "colors")
-        run = evaluate_served(stub, info, dataset, tta=False, batch_size=4, in_flight=2)
+    with Client(served.address) as client:
+        info = client.model_info("colors")
+        run = evaluate_served(client, info, dataset, tta=False, batch_size=4, in_flight=2)
     assert run.metrics == {"error_rate": pytest.approx(expected)}
     assert (run.images, run.failed, run.views) == (15, [], 1)
 
@@ -103,9 +95,8 @@ def test_accuracy_multi_scores_the_served_threshold_decisions(
     dataset = read_voc(tmp_path)
     # Served at 0.5 (128/255): (120, 140, 10) says green, and its csv row says green:
     # every decision is right except the all-dark image, whose csv row claims red.
-    with grpc.insecure_channel(served.address) as channel:
-        stub, info = stub_and_info(channel, "channels")
-        run = evaluate_served(stub, info, dataset, tta=False)
+    with Client(served.address) as client:
+        run = evaluate_served(client, client.model_info("channels"), dataset, tta=False)
     assert run.metrics == {"accuracy_multi": pytest.approx(14 / 15)}
 
 
@@ -120,10 +111,10 @@ def test_point_error_is_in_original_pixels_with_and_without_tta(
         False: np.mean([math.dist((480, 240), point_of(item)) for item in dataset.valid]),
         True: np.mean([math.dist((240, 240), point_of(item)) for item in dataset.valid]),
     }
-    with grpc.insecure_channel(served.address) as channel:
-        stub, info = stub_and_info(channel, "centre")
+    with Client(served.address) as client:
+        info = client.model_info("centre")
         for tta in (False, True):
-            run = evaluate_served(stub, info, dataset, tta=tta)
+            run = evaluate_served(client, info, dataset, tta=tta)
             assert run.metrics == {"point_error_px": pytest.approx(expected[tta], abs=1e-3)}
             assert run.views == (2 if tta else 1)
 
@@ -132,10 +123,10 @@ def test_a_model_that_does_not_fit_the_dataset_is_refused(
     served: RunningServer, tmp_path: Path
 ) -> None:
     voc_layout(tmp_path)
-    with grpc.insecure_channel(served.address) as channel:
-        stub, info = stub_and_info(channel, "colors")
+    with Client(served.address) as client:
+        info = client.model_info("colors")
         with pytest.raises(EvaluationError, match="classification model; the voc dataset"):
-            evaluate_served(stub, info, read_voc(tmp_path), tta=False)
+            evaluate_served(client, info, read_voc(tmp_path), tta=False)
 
 
 def run_cli(argv: list[str]) -> int:
@@ -169,3 +160,20 @@ def test_the_command_reports_an_unknown_model(
     argv = ["evaluate", "--server", served.address, "--model", "nope", "--data", str(tmp_path)]
     assert run_cli(argv) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_the_command_needs_only_the_validation_persons_folder(
+    served: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_biwi(tmp_path, people=2, frames_per_person=2, seed=5)
+    for person in tmp_path.iterdir():
+        if person.name != "13":
+            shutil.rmtree(person)
+    argv = ["evaluate", "--server", served.address, "--model", "centre", "--data", str(tmp_path)]
+    assert run_cli([*argv, "--dataset", "biwi", "--valid-person", "13", "--no-tta"]) == 0
+    table = capsys.readouterr().out
+    assert f"(person 13 of {tmp_path}): 2 images" in table
+    assert "served, no TTA" in table and "this one" in table
+    assert run_cli([*argv, "--dataset", "biwi", "--valid-person", "4"]) == 1
+    error = capsys.readouterr().err
+    assert "person folders found: 13" in error and "--valid-person" in error

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps
 
 from tests.helpers import images
 from tests.helpers.server import server_in_thread
+from visionrpc.client import Client
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server.model_config import (
@@ -32,13 +33,14 @@ from visionrpc.server.model_config import (
     write_repository_entry,
 )
 from visionrpc.server.preprocess import Geometry, decode_for_model, prepare
+from visionrpc.training.config import TrainConfig
 from visionrpc.training.datasets import Dataset, read_dataset
 from visionrpc.training.evaluate import evaluate_served, register
 from visionrpc.training.export import serving_model
 from visionrpc.training.models import ServingModel, model_from_checkpoint
 from visionrpc.training.synthetic import make_dataset
 from visionrpc.training.tasks import get_task
-from visionrpc.training.train import TrainConfig, train
+from visionrpc.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -199,8 +201,9 @@ def test_served_metric_without_tta_equals_the_one_training_recorded(
     served: Served, kind: str, tolerance: float
 ) -> None:
     trained = served.models[kind]
-    info = served.stub.GetModelInfo(pb.GetModelInfoRequest(model=trained.config.name), timeout=30)
-    run = evaluate_served(served.stub, info, trained.dataset, tta=False)
+    with Client(served.address) as client:
+        info = client.model_info(trained.config.name)
+        run = evaluate_served(client, info, trained.dataset, tta=False)
     (name, value), *_ = run.metrics.items()
     assert run.failed == []
     assert value == pytest.approx(trained.config.training.metrics[name], abs=tolerance)
@@ -238,3 +241,22 @@ def test_a_flip_tta_with_beta_half_makes_points_mirror_exactly(served: Served) -
         width = plain.original_width
         assert (q.x, q.y) == pytest.approx((width - p.x, p.y), abs=0.05)
         assert plain.tta_applied and plain.tta_views == 2
+
+
+def test_evaluate_says_whether_trainings_figure_comes_from_the_same_split(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trained = served.models["pets"]
+    parser = argparse.ArgumentParser(prog="visionrpc")
+    register(parser.add_subparsers(dest="command", required=True))
+    argv = ["--server", served.address, "--model", "pets", "--data", str(trained.dataset.root)]
+    args = parser.parse_args(["evaluate", *argv, "--no-tta"])
+    assert args.handler(args) == 0
+    same = capsys.readouterr().out
+    assert "random 25% (seed 42)" in same
+    assert same.splitlines()[-1].endswith("the same")
+    args = parser.parse_args(["evaluate", *argv, "--no-tta", "--seed", "7"])
+    assert args.handler(args) == 0
+    other = capsys.readouterr().out
+    assert "random 25% (seed 7)" in other
+    assert "seed=42" in other.splitlines()[-1] and "a different one" in other.splitlines()[-1]

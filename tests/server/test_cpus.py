@@ -79,7 +79,9 @@ def test_thread_defaults_follow_the_cpus_and_explicit_settings_win(tmp_path: Pat
     assert plan.preprocess_workers == max(1, plan.cpus // 2)
     one_cpu = plan_threads(1)
     assert (one_cpu.intra_op_threads, one_cpu.preprocess_workers) == (1, 1)
-    explicit = plan_threads(8, intra_op_threads=3, preprocess_workers=5)
+    # With the model on a GPU, decoding is the CPUs' work.
+    assert plan_threads(8, on_gpu=True).preprocess_workers == 8
+    explicit = plan_threads(8, on_gpu=True, intra_op_threads=3, preprocess_workers=5)
     assert (explicit.intra_op_threads, explicit.preprocess_workers) == (3, 5)
 
 
@@ -88,3 +90,18 @@ def test_spinning_is_off_by_default_and_takes_only_on_or_off() -> None:
     assert ServerSettings(intra_op_spinning="on").intra_op_spinning == "on"
     with pytest.raises(SettingsError, match="intra_op_spinning"):
         ServerSettings(intra_op_spinning="yes")
+
+
+def test_a_limit_on_a_parent_cgroup_applies_to_the_process_below_it(tmp_path: Path) -> None:
+    root, proc = cgroup_v2(tmp_path, "max 100000", own="/system.slice/app.service")
+    (root / "system.slice" / "cpu.max").write_text("100000 100000\n")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(1.0)
+    assert usable_cpus(root, proc) == 1
+
+
+def test_a_cgroup_path_this_namespace_does_not_show_falls_back_to_the_root(
+    tmp_path: Path,
+) -> None:
+    root, proc = cgroup_v2(tmp_path, "200000 100000")
+    proc.write_text("0::/kubepods/hidden/from/here\n")
+    assert cgroup_cpu_quota(root, proc) == pytest.approx(2.0)

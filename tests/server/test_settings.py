@@ -124,7 +124,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "max_image_pixels": 8,
     "preprocess_workers": 9,
     "stream_max_in_flight": 10,
-    "decode_backlog": 32,
+    "decode_backlog_bytes": 1 << 20,
     "max_images_per_request": 8,
     "shutdown_grace_seconds": 1.5,
     "max_connection_idle_seconds": 11.5,

@@ -9,7 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visionrpc.training.augment import AugmentConfig, augment_batch, random_affines
+from visionrpc.training.augment import (
+    AugmentConfig,
+    augment_batch,
+    augment_for_task,
+    random_affines,
+    random_warps,
+)
 
 STILL = {"min_scale": 1.0, "flip_p": 0.0, "p_affine": 0.0, "max_lighting": 0.0}
 
@@ -31,15 +37,28 @@ def dot_images(count: int, height: int, width: int, seed: int) -> tuple[Tensor, 
 
 
 @pytest.mark.parametrize(
-    ("input_hw", "output_hw"),
-    [((96, 96), (64, 64)), ((96, 120), (64, 80)), ((100, 100), (48, 80)), ((72, 54), (96, 72))],
-    ids=["square", "same-aspect", "other-aspect", "upsampling"],
+    ("input_hw", "output_hw", "warp", "zoom"),
+    [
+        ((96, 96), (64, 64), 0.0, 1.0),
+        ((96, 120), (64, 80), 0.0, 1.0),
+        ((100, 100), (48, 80), 0.0, 1.0),
+        ((72, 54), (96, 72), 0.0, 1.0),
+        ((96, 120), (64, 80), 0.4, 1.3),
+    ],
+    ids=["square", "same-aspect", "other-aspect", "upsampling", "warped-and-zoomed"],
 )
 def test_a_drawn_dot_stays_under_its_transformed_point(
-    input_hw: tuple[int, int], output_hw: tuple[int, int]
+    input_hw: tuple[int, int], output_hw: tuple[int, int], warp: float, zoom: float
 ) -> None:
     images, points = dot_images(200, *input_hw, seed=1)
-    config = AugmentConfig(size=output_hw, max_rotate=30.0, p_affine=1.0, max_lighting=0.0)
+    config = AugmentConfig(
+        size=output_hw,
+        max_rotate=30.0,
+        p_affine=1.0,
+        max_lighting=0.0,
+        max_warp=warp,
+        max_zoom=zoom,
+    )
     generator = torch.Generator().manual_seed(2)
     output, moved = augment_batch(images, points, config, generator)
     assert output.shape == (200, 3, *output_hw) and moved is not None
@@ -67,6 +86,31 @@ def test_affines_include_flips_rotations_and_crops() -> None:
     area = determinant.abs()  # the crop's share of the input's area
     assert area.min() >= 0.5 - 1e-6 and area.max() <= 1 + 1e-6
     assert area.max() - area.min() > 0.3
+
+
+def test_warps_move_the_corners_by_at_most_the_magnitude() -> None:
+    config = AugmentConfig(size=(64, 64), max_warp=0.3, p_affine=1.0)
+    warps = random_warps(300, config, torch.Generator().manual_seed(0))
+    corners = torch.tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
+    mapped = corners @ warps.transpose(1, 2)
+    moved = (mapped[..., :2] / mapped[..., 2:] - corners[:, :2]).abs()
+    assert float(moved.max()) <= 0.3 + 1e-5 and float(moved.max()) > 0.2
+    # A projective (not affine) map has a non-zero bottom row; every image got one.
+    assert bool((warps[:, 2, :2].abs().sum(dim=1) > 1e-4).all())
+    still = random_warps(10, AugmentConfig(size=(64, 64)), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(still, torch.eye(3).expand(10, 3, 3))
+
+
+def test_point_defaults_keep_the_whole_frame_while_classifiers_crop_and_warp() -> None:
+    points = augment_for_task("points", (48, 64))
+    assert (points.min_scale, points.max_zoom, points.max_warp) == (1.0, 1.0, 0.0)
+    theta = random_affines(200, (48, 64), points, torch.Generator().manual_seed(0))
+    # The crop is the whole frame: the affine's area (its determinant) is 1 for every image.
+    torch.testing.assert_close(torch.linalg.det(theta[:, :, :2]).abs(), torch.ones(200))
+    pets = augment_for_task("classification", (64, 64))
+    assert pets.min_scale == 0.75 and pets.max_warp > 0 and pets.max_zoom > 1
+    chosen = augment_for_task("points", (48, 64), min_scale=0.5, max_rotate=None)
+    assert chosen.min_scale == 0.5 and chosen.max_rotate == points.max_rotate
 
 
 def test_without_augmentation_the_batch_is_only_resized() -> None:
@@ -122,6 +166,10 @@ def test_a_config_outside_its_ranges_is_refused() -> None:
         AugmentConfig(size=(8, 8), min_scale=0.0)
     with pytest.raises(ValueError, match="max_lighting"):
         AugmentConfig(size=(8, 8), max_lighting=1.0)
+    with pytest.raises(ValueError, match="max_warp"):
+        AugmentConfig(size=(8, 8), max_warp=-0.1)
+    with pytest.raises(ValueError, match="max_zoom"):
+        AugmentConfig(size=(8, 8), max_zoom=0.9)
 
 
 def test_half_precision_images_keep_full_precision_points() -> None:

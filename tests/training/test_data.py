@@ -149,3 +149,27 @@ def test_distributed_loaders_shard_with_a_distributed_sampler(
     assert len(list(loaders.train)) == len(pets.train) // 4
     plain = make_loaders(pets, size=(16, 16), bs=4, distributed=True)
     assert not isinstance(plain.train.sampler, DistributedSampler)
+
+
+def test_training_presize_crops_at_a_random_position_and_points_follow(biwi: Dataset) -> None:
+    # Square windows of 4:3 frames: the window can travel a quarter of the width.
+    loaders = make_loaders(biwi, size=(64, 64), presize=(96, 96), bs=4)
+    train_items = loaders.train.dataset
+    windows = set()
+    for _ in range(6):
+        pixels, target = train_items[0]
+        assert pixels.shape == (96, 96, 3)
+        windows.add(pixels.numpy().tobytes())
+        image = pixels.numpy().astype(np.int32)
+        ys, xs = np.nonzero(image[..., 0] - image[..., 2] > 20)
+        if len(xs) > 50:  # the head is in this window (it can sit near the frame's edge)
+            x = (float(target[0, 0]) + 1) / 2 * 96
+            y = (float(target[0, 1]) + 1) / 2 * 96
+            assert np.hypot(xs.mean() + 0.5 - x, ys.mean() + 0.5 - y) < 1.5
+    assert len(windows) > 1
+    # Validation keeps the server's centred crop: the same pixels every time.
+    valid_items = loaders.valid.dataset
+    assert torch.equal(valid_items[0][0], valid_items[0][0])
+    data = biwi.valid[0].path.read_bytes()
+    served, _ = prepare(decode_for_model(data, loaders.spec), loaders.spec)
+    assert np.array_equal(valid_items[0][0].numpy(), served)

@@ -180,6 +180,29 @@ def test_voc_skips_rows_naming_missing_or_broken_files(voc_root: Path, tmp_path:
         read_voc(root, strict=True)
 
 
+def test_voc_with_every_row_valid_says_so_and_splits_at_random_on_request(
+    voc_root: Path, tmp_path: Path
+) -> None:
+    # fastai's PASCAL_2007 test csv, or a user's own: every row is is_valid=True.
+    root = copy_of(voc_root, tmp_path)
+    lines = (root / "train.csv").read_text().splitlines()
+    rows = [line.rsplit(",", 1)[0] + ",True" for line in lines[1:]]
+    (root / "train.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    with pytest.raises(DatasetError) as refused:
+        read_voc(root)
+    message = str(refused.value)
+    assert "all 40 usable rows have is_valid=True" in message
+    assert "nothing to train on" in message and "--valid-pct" in message
+    split = read_voc(root, valid_pct=0.25, seed=3)
+    assert (len(split.train), len(split.valid)) == (30, 10)
+    assert "random 25%" in split.split
+    assert read_voc(root, valid_pct=0.25, seed=3).valid == split.valid
+    # Evaluation needs only the validation split: all 40 rows.
+    assert len(read_voc(root, need_train=False).valid) == 40
+    with pytest.raises(DatasetError, match="valid-pct"):
+        read_voc(root, valid_pct=1.0)
+
+
 def test_voc_refuses_a_csv_without_its_header(voc_root: Path, tmp_path: Path) -> None:
     root = copy_of(voc_root, tmp_path)
     lines = (root / "train.csv").read_text().splitlines()
@@ -204,6 +227,36 @@ def test_biwi_holds_out_one_person(biwi_root: Path) -> None:
     assert {item.path.parent.name for item in other.valid} == {"09"}
     with pytest.raises(DatasetError, match="05"):
         read_biwi(biwi_root, valid_person="05")
+
+
+def test_biwi_valid_person_matches_its_folder_by_number(biwi_root: Path) -> None:
+    people = sorted(p.name for p in biwi_root.iterdir() if p.is_dir())
+    first = people[0]
+    assert first.startswith("0")
+    dataset = read_biwi(biwi_root, valid_person=str(int(first)))
+    assert {item.path.parent.name for item in dataset.valid} == {first}
+    assert dataset.split == f"person {first}"
+
+
+def test_biwi_missing_person_lists_the_folders_found(biwi_root: Path) -> None:
+    with pytest.raises(DatasetError) as refused:
+        read_biwi(biwi_root, valid_person="21")
+    message = str(refused.value)
+    people = sorted(p.name for p in biwi_root.iterdir() if p.is_dir())
+    assert f"person folders found: {', '.join(people)}" in message
+    assert "--valid-person" in message
+
+
+def test_biwi_with_one_person_trains_nowhere_but_evaluates(biwi_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "one"
+    shutil.copytree(biwi_root / "13", root / "13")
+    with pytest.raises(DatasetError, match="the only person folder is 13, the validation"):
+        read_biwi(root)
+    held_out = read_biwi(root, need_train=False)
+    assert held_out.train == [] and len(held_out.valid) == 5
+    # Pointed at the person's folder itself, it says to use the parent.
+    with pytest.raises(DatasetError, match=re.escape(f"use --data {root}")):
+        read_biwi(root / "13")
 
 
 def test_biwi_targets_are_the_centre_of_the_drawn_head(biwi_root: Path) -> None:

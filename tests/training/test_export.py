@@ -120,7 +120,9 @@ def test_repository_entry_loads_with_the_servers_config_reader(
         spec=pets.spec,
         threshold=0.5,
         metrics={"error_rate": 0.25},
-        dataset="pets:synthetic",
+        dataset="/data/pets",
+        dataset_kind="pets",
+        dataset_options={"valid_pct": 0.2, "seed": 42},
         arch="tiny",
     )
     version_dir = export_to_repository(
@@ -133,5 +135,7 @@ def test_repository_entry_loads_with_the_servers_config_reader(
     assert loaded.labels == pets.vocab
     assert (loaded.input.height, loaded.input.width) == (32, 40)
     assert loaded.training.metrics == {"error_rate": 0.25}
+    assert (loaded.training.dataset, loaded.training.dataset_kind) == ("/data/pets", "pets")
+    assert loaded.training.dataset_options == {"valid_pct": 0.2, "seed": 42}
     assert loaded.tta.views == ("flip",) and not loaded.tta.enabled
     assert (version_dir / "model.onnx").is_file()

@@ -15,6 +15,7 @@ from visionrpc.training.datasets import read_dataset
 from visionrpc.training.learner import (
     Learner,
     LearnerOptions,
+    no_weight_decay,
     one_cycle,
     spread_lr,
     steepest,
@@ -135,6 +136,38 @@ def test_fine_tune_trains_the_whole_model_after_the_frozen_epoch(pets: DataLoade
     assert [r.epoch for r in learner.history] == [0, 1]
     assert not torch.equal(learner.model.get_parameter("body.0.0.weight"), conv_before)
     assert all(p.requires_grad for p in learner.model.parameters())
+
+
+def test_the_frozen_phase_trains_the_body_at_a_tenth_of_the_heads_rate(
+    pets: DataLoaders,
+) -> None:
+    learner = learner_for(pets)
+    learner.fine_tune(1, 1e-2, freeze_epochs=1)
+    frozen, unfrozen = learner.history
+    assert frozen.peak_lrs == pytest.approx((1e-3, 1e-3, 1e-2))
+    # Unfrozen: half the rate, spread from 1/100 of it in the earliest layers.
+    assert unfrozen.peak_lrs == pytest.approx((5e-5, 5e-4, 5e-3))
+
+
+def test_weight_decay_spares_batchnorm_and_biases(pets: DataLoaders) -> None:
+    learner = learner_for(pets, LearnerOptions(weight_decay=0.5))
+    exempt = {id(p) for p in no_weight_decay(learner.model)}
+    batchnorm = learner.model.get_parameter("body.0.1.weight")
+    conv = learner.model.get_parameter("body.0.0.weight")
+    assert id(batchnorm) in exempt and id(conv) not in exempt
+    for group in learner.optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert group["weight_decay"] == (0.0 if ids <= exempt else 0.5)
+        assert ids <= exempt or not ids & exempt
+    # With no gradient, only decay moves a parameter: the convolution shrinks, BN stays.
+    conv_before, bn_before = conv.detach().clone(), batchnorm.detach().clone()
+    for group in learner.optimizer.param_groups:
+        group["lr"] = 0.1
+    for param in learner.model.parameters():
+        param.grad = torch.zeros_like(param)
+    learner.optimizer.step()
+    assert float(conv.detach().norm()) < float(conv_before.norm())
+    assert torch.equal(batchnorm.detach(), bn_before)
 
 
 def test_mixup_and_label_smoothing_train_with_finite_losses(pets: DataLoaders) -> None:

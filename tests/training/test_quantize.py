@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import grpc
 import numpy as np
 import onnx
 import pytest
@@ -16,8 +15,7 @@ from tests.helpers import images
 from tests.helpers.onnx_models import OPSET, config_dict, write_model
 from tests.helpers.server import server_in_thread
 from visionrpc.cli import main
-from visionrpc.protos import inference_pb2 as pb
-from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.client import Client
 from visionrpc.training.datasets import Dataset, Item, read_dataset
 from visionrpc.training.evaluate import evaluate_served
 from visionrpc.training.quantize import QUANTIZATION_FILE, quantize_version
@@ -57,14 +55,10 @@ def test_quantize_adds_an_int8_version_the_server_serves_with_the_metric_it_prin
     # QDQ: the convolutions run between quantize and dequantize pairs.
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= op_types(int8_dir / "model.onnx")
     assert "QuantizeLinear" not in op_types(repository / "pets" / "1" / "model.onnx")
-    with (
-        server_in_thread(repository) as server,
-        grpc.insecure_channel(server.address) as channel,
-    ):
-        stub = pb_grpc.InferenceServiceStub(channel)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(model="pets"), timeout=30)
+    with server_in_thread(repository) as server, Client(server.address) as client:
+        info = client.model_info("pets")
         assert info.version == "2"  # the newest version: int8 serves by default
-        run = evaluate_served(stub, info, read_dataset("pets", pets), tta=False)
+        run = evaluate_served(client, info, read_dataset("pets", pets), tta=False)
     assert run.failed == []
     assert run.metrics["error_rate"] == pytest.approx(record["int8"], abs=1e-6)
 

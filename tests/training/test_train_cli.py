@@ -14,7 +14,6 @@ import torch
 from visionrpc.cli import main
 from visionrpc.server.model_config import ModelConfig, load_model_config, model_versions
 from visionrpc.server.preprocess import load_image, prepare
-from visionrpc.training.cli import ARCHS
 from visionrpc.training.export import serving_model
 from visionrpc.training.models import ARCHITECTURES, create_model, model_from_checkpoint
 from visionrpc.training.synthetic import make_dataset
@@ -148,5 +147,88 @@ def test_pretrained_weights_from_a_file_fine_tune_frozen_then_unfrozen(
     assert capsys.readouterr().out.count("train_loss") == 2
 
 
-def test_the_cli_offers_exactly_the_registered_architectures() -> None:
-    assert set(ARCHS) == set(ARCHITECTURES)
+def test_an_unknown_architecture_is_refused_with_the_registered_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=2, per_breed=3)
+    argv = ["train", "pets", "--data", str(data), "--repository", str(tmp_path / "repo")]
+    assert main([*argv, "--arch", "resnet9000"]) == 1
+    error = capsys.readouterr().err
+    assert "unknown architecture 'resnet9000'" in error
+    assert all(name in error for name in ARCHITECTURES) and "timm:" in error
+
+
+def test_every_setting_of_train_config_is_a_flag_with_its_type_and_default() -> None:
+    from visionrpc.cli import build_parser
+    from visionrpc.training.cli import config_from_args
+    from visionrpc.training.config import TrainConfig, flag_of
+
+    argv = ["train", "biwi", "--data", "d", "--repository", "r"]
+    defaults = config_from_args(build_parser().parse_args(argv))
+    assert defaults == TrainConfig(kind="biwi", data=Path("d"), repository=Path("r"))
+    flags = ["--min-scale", "0.5", "--max-warp", "0.1", "--size", "24x32", "--cpu-bf16"]
+    flags += ["--no-mixed-precision", "--name", "heads", "--valid-person", "1"]
+    chosen = config_from_args(build_parser().parse_args([*argv, *flags]))
+    assert (chosen.min_scale, chosen.max_warp, chosen.size) == (0.5, 0.1, (24, 32))
+    assert not chosen.mixed_precision and chosen.cpu_bf16
+    assert (chosen.model_name, chosen.valid_person) == ("heads", "1")
+    assert flag_of("model_name") == "--name" and flag_of("min_scale") == "--min-scale"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--min-scale", "big"])
+
+
+def test_voc_whose_rows_are_all_valid_is_refused_with_the_remedy_then_trains_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("voc", tmp_path / "voc", images=24)
+    lines = (data / "train.csv").read_text().splitlines()
+    rows = [line.rsplit(",", 1)[0] + ",True" for line in lines[1:]]
+    (data / "train.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    argv = ["train", "voc", "--data", str(data), "--repository", str(tmp_path / "repo"), *TINY]
+    options = ["--size", "24", "--epochs", "1", "--lr", "1e-2"]
+    assert main([*argv, *options]) == 1
+    error = capsys.readouterr().err
+    assert "is_valid=True" in error and "--valid-pct" in error and "Traceback" not in error
+    assert main([*argv, *options, "--valid-pct", "0.25"]) == 0
+    training = read_config(tmp_path / "repo", "voc").training
+    assert (training.dataset_kind, training.dataset) == ("voc", str(data))
+    assert training.dataset_options == {"valid_pct": 0.25, "seed": 42}
+
+
+def test_a_split_option_of_another_kind_and_a_bad_augmentation_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_dataset("pets", tmp_path / "pets", breeds=2, per_breed=3)
+    argv = ["train", "pets", "--data", str(data), "--repository", str(tmp_path / "repo"), *TINY]
+    assert main([*argv, "--valid-person", "01"]) == 1
+    assert "--valid-person applies to biwi only, not pets" in capsys.readouterr().err
+    assert main([*argv, "--lr", "1e-2", "--min-scale", "0"]) == 1
+    assert "min_scale must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked", "extra"),
+    [
+        (["train", "demo", "--repository", "r"], "PIL", "train"),
+        (["train", "make-data", "pets", "d"], "numpy", "train"),
+        (["serve", "--repository", "r"], "onnxruntime", "server"),
+    ],
+)
+def test_a_missing_module_names_the_extra_that_brings_it(
+    argv: list[str], blocked: str, extra: str, tmp_path: Path
+) -> None:
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {blocked!r}:\n"
+        "            raise ModuleNotFoundError(f'no {name}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from visionrpc.cli import main\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"pip install 'visionrpc[{extra}]'" in result.stderr
