@@ -60,6 +60,7 @@ test: system-deps install node-deps lint
 
 bench: install
 	$(BIN)/python bench/serve_bench.py
+	$(BIN)/python bench/overload_bench.py
 	$(BIN)/python bench/train_bench.py
 
 protos: install

@@ -127,7 +127,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         decode_executor,
         metrics,
         max_images_per_request=settings.max_images_per_request,
-        decode_backlog=settings.decode_backlog,
+        decode_backlog_bytes=settings.decode_backlog_bytes,
         decode_threads=threads.preprocess_workers,
     )
     drain = Drain()

@@ -161,8 +161,11 @@ class Batcher:
         self._closed = False
         # Slots held by requests whose rows are still being decoded.
         self._reserved = 0
-        # A moving average of how long a batch runs, for retry hints.
+        # A moving average of how long a batch runs, and a decaying count of recent
+        # refusals, for retry hints.
         self._recent_batch_seconds = expected_batch_seconds
+        self._refusal_pressure = 0.0
+        self._last_refusal = 0.0
 
     @property
     def queued(self) -> int:
@@ -234,15 +237,25 @@ class Batcher:
         return len(self._pending) + self._reserved
 
     def _drain_estimate(self) -> float:
-        """Seconds until the rows queued now have run, from the recent batch times.
+        """The refusal's retry hint: about when a refused caller may find room.
 
-        Sent as the refusal's retry hint, with jitter, so refused callers come back
-        spread out, about when there is room, instead of all at once.
+        The queued rows run in ``rounds`` batches of the recent batch time; and every
+        refused caller competes for the room that frees, so the hint grows with how
+        many were refused lately (a decaying count, per queue slot). Callers that obey
+        it come back spread out (with jitter) at a rate the queue can take, so refusing
+        them stays cheap.
         """
         batches = math.ceil(self._taken() / self.settings.max_batch_size)
-        rounds = math.ceil(batches / self.settings.instances)
-        estimate = max(rounds, 1) * (self._recent_batch_seconds + self._delay_seconds)
-        return min(max(estimate * random.uniform(0.5, 1.5), MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        rounds = max(1, math.ceil(batches / self.settings.instances))
+        batch_seconds = self._recent_batch_seconds + self._delay_seconds
+        now = time.monotonic()
+        window = max(batch_seconds, MIN_RETRY_AFTER)
+        decay = math.exp(-(now - self._last_refusal) / window)
+        self._refusal_pressure = self._refusal_pressure * decay + 1.0
+        self._last_refusal = now
+        contention = 1.0 + self._refusal_pressure / self.settings.max_queue_size
+        estimate = rounds * batch_seconds * contention * random.uniform(0.5, 1.5)
+        return min(max(estimate, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     async def close(self) -> None:
         """Fail whatever still waits with Unavailable, let running batches finish, stop."""

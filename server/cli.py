@@ -41,7 +41,8 @@ _SETTING_HELP = {
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",
     "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
-    "decode_backlog": "images waiting for or in decoding before RESOURCE_EXHAUSTED (default 256)",
+    "decode_backlog_bytes": "encoded bytes of the images waiting to be decoded before "
+    "RESOURCE_EXHAUSTED (default 128 MiB)",
     "max_images_per_request": "most images in one request (default 64; lower for a model "
     "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",

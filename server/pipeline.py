@@ -4,8 +4,9 @@ Admission comes first and costs no decoding: a request may carry at most its mod
 ``max_images_per_request`` images (more is the caller's mistake, InvalidInput), and its
 rows (images times views) are reserved in the model's queue at once, or the request is
 refused as Overloaded with a retry hint. The decode stage has a bounded backlog too:
-images waiting for or in a decode thread, across all requests, are at most
-``decode_backlog``, so a burst on a model with a long queue cannot pile up decode work.
+the encoded bytes of the images waiting for or in a decode thread, across all requests,
+are at most ``decode_backlog_bytes``, so a burst of large images on models with long
+queues cannot hold unbounded memory while it waits to be decoded.
 Each admitted image is decoded and resized in a thread pool, off the event loop. Every
 view of every good image becomes one row in the model's batcher, in the slots reserved
 for it. A bad
@@ -87,6 +88,9 @@ class PipelineObserver(PredictionObserver, Protocol):
     def tta_used(self, model: str, version: str, images: int) -> None: ...
 
 
+INITIAL_DECODE_SECONDS = 0.05
+
+
 def max_images_per_request(model: LoadedModel, server_limit: int) -> int:
     """The most images one request to ``model`` may carry: the server's limit, lowered
     so that a request of that many images fits the model's queue with every TTA view."""
@@ -103,7 +107,7 @@ class Pipeline:
         observer: PipelineObserver | None = None,
         *,
         max_images_per_request: int = 64,
-        decode_backlog: int = 256,
+        decode_backlog_bytes: int = 128 << 20,
         decode_threads: int = 1,
     ) -> None:
         self.repository = repository
@@ -111,12 +115,14 @@ class Pipeline:
         self._limits = limits
         self._decode_executor = decode_executor
         self._observer = observer
-        self._decode_backlog = decode_backlog
+        self._decode_backlog_bytes = decode_backlog_bytes
         self._decode_threads = decode_threads
-        # Images admitted to the decode stage and not yet decoded.
+        # Images admitted to the decode stage and not yet decoded, and their bytes.
         self._decoding = 0
-        # A moving average of one decode's seconds, for retry hints.
-        self._recent_decode_seconds = 0.0
+        self._decoding_bytes = 0
+        # A moving average of one decode's seconds, for retry hints; a guess until the
+        # first decode, so that early refusals do not invite retries within milliseconds.
+        self._recent_decode_seconds = INITIAL_DECODE_SECONDS
 
     def limit_for(self, model: LoadedModel) -> int:
         return max_images_per_request(model, self.max_images_per_request)
@@ -176,16 +182,18 @@ class Pipeline:
     ) -> list[_PreparedImage | VisionRPCError]:
         """Every image decoded, once the decode stage has room for all of them."""
         count = len(call.images)
+        size = sum(_encoded_size(image) for image in call.images)
         # An empty stage takes any request, so one larger than the backlog still runs.
-        if self._decoding and self._decoding + count > self._decode_backlog:
+        if self._decoding_bytes and self._decoding_bytes + size > self._decode_backlog_bytes:
             rounds = math.ceil(self._decoding / self._decode_threads)
             hint = rounds * self._recent_decode_seconds * random.uniform(0.5, 1.5)
             raise Overloaded(
-                f"the server is overloaded: {self._decoding} images wait to be decoded; "
-                "retry later",
+                f"the server is overloaded: {self._decoding} images "
+                f"({self._decoding_bytes} bytes) wait to be decoded; retry later",
                 retry_after_seconds=min(max(hint, MIN_RETRY_AFTER), MAX_RETRY_AFTER),
             )
         self._decoding += count
+        self._decoding_bytes += size
         try:
             return await asyncio.gather(
                 *(
@@ -195,6 +203,7 @@ class Pipeline:
             )
         finally:
             self._decoding -= count
+            self._decoding_bytes -= size
 
     async def _prepare(
         self, index: int, image: ImageInput, model: LoadedModel, views: tuple[View, ...]
@@ -237,6 +246,10 @@ def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
         raise InvalidInput(
             f"options.{foreign[0]}: does not apply to {task} models, which take {taken}"
         )
+
+
+def _encoded_size(image: ImageInput) -> int:
+    return len(image.data) if isinstance(image, EncodedImage) else len(image.pixels)
 
 
 def decode_and_prepare(

@@ -66,9 +66,10 @@ class ServerSettings:
     max_image_pixels: int = 40_000_000
     # Threads that decode and resize images.
     preprocess_workers: int = 0
-    # Images waiting for or in a decode thread, over all requests. Beyond it requests
-    # are refused (RESOURCE_EXHAUSTED) before decoding; the models' queues bound it too.
-    decode_backlog: int = 256
+    # Encoded bytes of the images waiting for or in a decode thread, over all requests.
+    # Beyond it requests are refused (RESOURCE_EXHAUSTED) before decoding: it bounds the
+    # memory that waiting requests hold (see the README's pod sizing).
+    decode_backlog_bytes: int = 128 * 1024 * 1024
     # The most images one Predict request (or one request of a stream) may carry; a
     # model whose queue cannot hold that many with all its TTA views gets a lower limit
     # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
@@ -132,7 +133,7 @@ class ServerSettings:
             "instances",
             "stream_max_in_flight",
             "max_images_per_request",
-            "decode_backlog",
+            "decode_backlog_bytes",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
@@ -200,6 +201,9 @@ class ServerSettings:
         return [
             *options,
             ("grpc.keepalive_timeout_ms", _milliseconds(self.keepalive_timeout_seconds)),
+            # gRPC core waits this long for any ping's answer, keepalive pings included:
+            # without it an unanswered keepalive ping closes nothing for a minute.
+            ("grpc.http2.ping_timeout_ms", _milliseconds(self.keepalive_timeout_seconds)),
             (
                 "grpc.http2.min_ping_interval_without_data_ms",
                 _milliseconds(self.keepalive_min_ping_interval_seconds),

@@ -24,7 +24,7 @@ Beyond the core spec, four additions clients already rely on:
   later spec field cannot collide): how the model's tensors map to images and
   predictions. Clients that do not know it skip it.
 
-visionrpc's own API is visionrpc.v1.Inference; both are served on one port over
+visionrpc's own API is visionrpc.v1.InferenceService; both are served on one port over
 one pipeline.
 """
 

@@ -247,6 +247,7 @@ def test_service_config_retries_only_unavailable_and_overloaded() -> None:
         "backoffMultiplier": 2.0,
         "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
+    assert config["retryThrottling"] == {"maxTokens": 100, "tokenRatio": 0.1}
     assert "methodConfig" not in json.loads(service_config(None, "pick_first"))
 
 

@@ -122,3 +122,17 @@ async def test_without_retries_a_restart_is_unavailable(one_model: Path) -> None
         async with restarted_later(one_model, port, delay=RESTART_DELAY):
             with pytest.raises(UnavailableError):
                 await client.predict("colors", IMAGE)
+
+
+async def test_retry_throttling_stops_retries_once_most_calls_fail() -> None:
+    # 4 tokens: retries stop at 2 or fewer. The first call fails twice (4 -> 3 -> 2), so
+    # it is retried once; from then on every failure is final after one attempt.
+    policy = RetryPolicy(
+        max_attempts=5, initial_backoff=0.01, max_backoff=0.05, throttle_max_tokens=4
+    )
+    script = PredictScript([OVERLOADED] * 10)
+    async with scripted_server(script) as address, AsyncClient(address, retries=policy) as client:
+        for _ in range(4):
+            with pytest.raises(OverloadedError):
+                await client.predict("m", IMAGE)
+    assert script.attempts == 2 + 3

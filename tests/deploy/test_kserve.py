@@ -124,7 +124,10 @@ def test_the_runtime_speaks_grpc_v2_on_a_port_named_h2c_that_the_image_serves(
     assert container["name"] == "kserve-container"
     (port,) = container["ports"]
     assert (port["name"], str(port["containerPort"])) == ("h2c", dockerfile_env()["VISIONRPC_PORT"])
-    assert service["spec"]["predictor"]["model"]["ports"] == container["ports"]
+    # The same port; named h2c for Knative, grpc-<suffix> for Istio in RawDeployment.
+    (service_port,) = service["spec"]["predictor"]["model"]["ports"]
+    assert service_port["containerPort"] == port["containerPort"]
+    assert service_port["name"].startswith("grpc")
     assert container["readinessProbe"]["grpc"] == {"port": port["containerPort"]}
     annotations = runtime["spec"]["annotations"]
     assert annotations["prometheus.kserve.io/port"] == dockerfile_env()["VISIONRPC_METRICS_PORT"]

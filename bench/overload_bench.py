@@ -1,0 +1,306 @@
+"""Overload: what refusing costs, what admitted calls see, goodput, and memory under bursts.
+
+    .venv/bin/python bench/overload_bench.py            # about 2 minutes
+    .venv/bin/python bench/overload_bench.py --quick    # about 40 s, a smoke run
+
+Starts ``visionrpc serve`` in a subprocess (so the load generator does not share its
+GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
+(``--max-queue-size 8``), then:
+
+1. C=8 callers of a 224x224 JPEG for ``--seconds``: the baseline goodput and latency;
+2. C=256 callers of the same image, plus 4 callers of a 6000x4000 photo JPEG, for
+   ``--seconds`` against the same server. Refused calls (RESOURCE_EXHAUSTED) are timed
+   and retried after the server's ``grpc-retry-pushback-ms`` hint, as a gRPC client
+   with retries does. Prints rejection latency p50/p99 per image size, admitted p50/p99,
+   and goodput (answered images/s) against phase 1;
+3. a second server with three 64x64 models and the default limits, driven at C=64 with
+   the largest image those limits allow (a 6324x6324 photo JPEG, 40 MP); prints the
+   server's peak RSS (VmHWM) against the bound the README derives from the settings:
+   RSS after loading + decode threads x max_image_pixels x 3 bytes x 2 (the decoded
+   image and one working copy) + 2 x decode_backlog_bytes (admitted requests waiting
+   to be decoded: the message and the image's bytes) + 2 x C x the file's size
+   (requests gRPC has received, as wire bytes and parsed, before admission can refuse
+   them).
+
+Targets (issue 15): rejection p99 under 20 ms whatever the image size, goodput at least
+0.9 of the C=8 goodput, admitted p99 at most 2x the C=8 p99, peak RSS under the bound.
+The load generator shares the machine with the server: on a 2-core box its own event
+loop adds to every latency it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from serve_bench import MODEL, cpu_name, export_resnet18, free_port, photo_jpeg, start_server
+
+from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.server.model_config import model_config_from_dict, write_repository_entry
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The start of a phase, when all its callers send their first call at once.
+RAMP_SECONDS = 2.0
+QUEUE_SIZE = 8
+LARGE_CALLERS = 4
+MEMORY_CONCURRENCY = 64
+# The largest square the default max_image_pixels (40,000,000) allows.
+LARGEST_SIDE = 6324
+# The server's default (settings.py).
+DECODE_BACKLOG_BYTES = 128 << 20
+
+
+@dataclass
+class Tally:
+    """Every attempt's outcome and latency, by kind."""
+
+    started: float = field(default_factory=time.monotonic)
+    answered: list[float] = field(default_factory=list)
+    refused: dict[str, list[float]] = field(default_factory=dict)
+    # Refusals after the first RAMP_SECONDS, when every caller has made its first call.
+    refused_steady: dict[str, list[float]] = field(default_factory=dict)
+    other: dict[str, int] = field(default_factory=dict)
+    answered_images: int = 0
+
+    def refusal(self, kind: str, seconds: float) -> None:
+        self.refused.setdefault(kind, []).append(seconds)
+        if time.monotonic() - self.started > RAMP_SECONDS:
+            self.refused_steady.setdefault(kind, []).append(seconds)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def caller(
+    stub: pb_grpc.InferenceServiceAsyncStub,
+    request: pb.PredictRequest,
+    kind: str,
+    until: float,
+    tally: Tally,
+    count_goodput: bool,
+) -> None:
+    """Calls until ``until``; a refusal waits for the server's hint, then tries again."""
+    while time.monotonic() < until:
+        started = time.perf_counter()
+        call = stub.Predict(request, timeout=60)
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            seconds = time.perf_counter() - started
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                tally.refusal(kind, seconds)
+                trailing: Any = error.trailing_metadata() or ()
+                hints = [value for key, value in trailing if key == PUSHBACK_KEY]
+                await asyncio.sleep(int(str(hints[0] if hints else 50)) / 1000)
+            else:
+                tally.other[error.code().name] = tally.other.get(error.code().name, 0) + 1
+            continue
+        if count_goodput:
+            tally.answered.append(time.perf_counter() - started)
+            tally.answered_images += 1
+
+
+async def drive(
+    address: str, loads: list[tuple[pb.PredictRequest, str, int, bool]], seconds: float
+) -> Tally:
+    tally = Tally()
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        until = time.monotonic() + seconds
+        await asyncio.gather(
+            *(
+                caller(stub, request, kind, until, tally, goodput)
+                for request, kind, count, goodput in loads
+                for _ in range(count)
+            )
+        )
+    return tally
+
+
+def tiny_classifier(repository: Path, name: str, size: int) -> None:
+    """softmax(channel means): a model whose cost is all in decoding its input."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["pixels", "axes"], ["means"], keepdims=0),
+            helper.make_node("Softmax", ["means"], ["scores"], axis=1),
+        ],
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_file = Path(scratch) / "model.onnx"
+        onnx.save(model, onnx_file)
+        config = model_config_from_dict(
+            {
+                "name": name,
+                "task": "classification",
+                "labels": ["red", "green", "blue"],
+                "input": {"height": size, "width": size, "resize_method": "squish"},
+            }
+        )
+        write_repository_entry(repository, config, onnx_file)
+
+
+def memory_of(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+def request_of(model: str, image: bytes) -> pb.PredictRequest:
+    return pb.PredictRequest(model=model, images=[pb.Image(encoded=image)])
+
+
+def overload_phases(seconds: float, work: Path) -> list[str]:
+    repository = work / "resnet"
+    export_resnet18(repository)
+    port, metrics_port = free_port(), free_port()
+    server = start_server(
+        repository, port, metrics_port, work / "resnet.log", ["--max-queue-size", str(QUEUE_SIZE)]
+    )
+    address = f"127.0.0.1:{port}"
+    small = request_of(MODEL, photo_jpeg(224, 224))
+    large = request_of(MODEL, photo_jpeg(6000, 4000))
+    try:
+        asyncio.run(drive(address, [(small, "small", 4, True)], 2.0))  # warm
+        base = asyncio.run(drive(address, [(small, "small", 8, True)], seconds))
+        loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, False)]
+        over = asyncio.run(drive(address, loads, seconds))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    base_goodput = base.answered_images / seconds
+    over_goodput = over.answered_images / seconds
+    base_p99 = percentile(base.answered, 0.99)
+    over_p99 = percentile(over.answered, 0.99)
+    ms = 1000.0
+    lines = [
+        f"ResNet-18 224x224, --max-queue-size {QUEUE_SIZE}, {seconds:g} s per phase",
+        "",
+        "| phase | goodput img/s | admitted p50 ms | admitted p99 ms | refused calls |",
+        "|---|---|---|---|---|",
+        f"| C=8 | {base_goodput:.1f} | {percentile(base.answered, 0.5) * ms:.0f} | "
+        f"{base_p99 * ms:.0f} | {sum(len(v) for v in base.refused.values())} |",
+        f"| C=256 (+{LARGE_CALLERS} large) | {over_goodput:.1f} | "
+        f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
+        f"{sum(len(v) for v in over.refused.values())} |",
+        "",
+        f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
+        "| target p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in ("small", "6000x4000"):
+        times = over.refused.get(kind, [])
+        steady = over.refused_steady.get(kind, [])
+        lines.append(
+            f"| {kind} | {len(times)} | {percentile(times, 0.5) * ms:.1f} | "
+            f"{percentile(times, 0.99) * ms:.1f} | {percentile(steady, 0.99) * ms:.1f} | < 20 |"
+        )
+    lines += [
+        "",
+        f"goodput C=256 / C=8: {over_goodput / base_goodput:.2f} (target >= 0.9)",
+        f"admitted p99 C=256 / C=8: {over_p99 / base_p99:.2f} (target <= 2)",
+    ]
+    if base.other or over.other:
+        lines.append(f"other outcomes: C=8 {base.other}, C=256 {over.other}")
+    return lines
+
+
+def memory_phase(seconds: float, work: Path) -> list[str]:
+    repository = work / "tiny"
+    for name in ("pets", "voc", "biwi"):
+        tiny_classifier(repository, name, 64)
+    port, metrics_port = free_port(), free_port()
+    server = start_server(repository, port, metrics_port, work / "tiny.log", [])
+    largest = photo_jpeg(LARGEST_SIDE, LARGEST_SIDE)
+    try:
+        loaded = memory_of(server.pid)["VmRSS"]
+        decode_threads = decode_threads_of(work / "tiny.log")
+        loads = [(request_of(name, largest), name, MEMORY_CONCURRENCY // 3, True) for name in
+                 ("pets", "voc", "biwi")]  # fmt: skip
+        tally = asyncio.run(drive(f"127.0.0.1:{port}", loads, seconds))
+        peak = memory_of(server.pid)["VmHWM"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    pixels = LARGEST_SIDE * LARGEST_SIDE
+    decoding = decode_threads * pixels * 3 * 2
+    waiting = 2 * DECODE_BACKLOG_BYTES
+    arriving = 2 * MEMORY_CONCURRENCY * len(largest)
+    bound = loaded + decoding + waiting + arriving
+    mib = 1 << 20
+    return [
+        f"three 64x64 models, C={MEMORY_CONCURRENCY} x a {LARGEST_SIDE}x{LARGEST_SIDE} JPEG "
+        f"({len(largest) / mib:.1f} MiB), {seconds:g} s, {tally.answered_images} answered",
+        "",
+        "| RSS after load | + decode threads x pixels x 3 B x 2 | + 2 x decode_backlog_bytes "
+        "| + 2 x C x file | = bound | peak RSS |",
+        "|---|---|---|---|---|---|",
+        f"| {loaded / mib:.0f} MiB | {decode_threads} x {pixels / 1e6:.0f} MP: "
+        f"{decoding / mib:.0f} MiB | {waiting / mib:.0f} MiB | {arriving / mib:.0f} MiB "
+        f"| {bound / mib:.0f} MiB | {peak / mib:.0f} MiB |",
+        "",
+        f"peak / bound: {peak / bound:.2f} (target < 1)",
+    ]
+
+
+def decode_threads_of(log: Path) -> int:
+    """The decode threads the server chose, from its start-up line."""
+    for line in log.read_text().splitlines():
+        if "decode threads" in line:
+            words = line.split("decode threads")[0].split()
+            return int(words[-1])
+    return 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="each load phase (default 30)")
+    parser.add_argument("--quick", action="store_true", help="5 s phases: a smoke run")
+    parser.add_argument(
+        "--only", choices=("overload", "memory"), help="run one part (default both)"
+    )
+    args = parser.parse_args()
+    seconds = 5.0 if args.quick else args.seconds
+    print(f"CPU: {cpu_name()}")
+    started = time.monotonic()
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        if args.only != "memory":
+            lines += [*overload_phases(seconds, work), ""]
+        if args.only != "overload":
+            lines += memory_phase(seconds, work)
+    print("\n".join(lines))
+    print(f"\n(total {time.monotonic() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
