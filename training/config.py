@@ -129,10 +129,6 @@ class TrainConfig:
     def arch_name(self) -> str:
         return self.arch or get_kind(self.kind).default_arch
 
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.size or get_kind(self.kind).default_size
-
     def reader_options(self) -> dict[str, Any]:
         """The dataset reader's options; a split option the layout does not take is refused."""
         kind = get_kind(self.kind)

@@ -1,12 +1,19 @@
-"""Architectures: a pretrained body cut from a torchvision model plus a fastai-style head.
+"""Architectures: a pretrained body (torchvision, or timm's ``timm:NAME``) plus a fastai head.
 
 Pretrained weights are never downloaded: they come from ``--weights PATH`` or from the
-torch hub cache, where torchvision itself would have saved them. ``--weights none``
-starts from random initialisation.
+local cache where torchvision (the torch hub cache) or timm (the Hugging Face hub cache)
+would have saved them. ``--weights none`` starts from random initialisation.
+
+Each architecture carries its preprocessing (``Preprocessing``: mean, std and the input
+size it was trained at), which ``Normalized`` bakes into the training graph and so into
+the exported one: timm's from the model's pretrained config through its
+``resolve_data_config``, torchvision's the ImageNet statistics.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +25,9 @@ from torch import Tensor, nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TIMM_PREFIX = "timm:"
+# Files a timm model's weights are published as on the Hugging Face hub, in timm's order.
+TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -29,13 +39,23 @@ class UnknownArchitecture(ValueError):
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """What a backbone expects: the normalisation and the input size it was trained at."""
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    # (height, width); None: the dataset kind's default.
+    input_size: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """How to build a body, and where its pretrained weights would live."""
 
     name: str
-    build_body: Callable[[], nn.Sequential]
+    build_body: Callable[[], nn.Module]
     # Loads a state dict of the full torchvision model into a fresh body.
-    load_body: Callable[[dict[str, Tensor]], nn.Sequential]
+    load_body: Callable[[dict[str, Tensor]], nn.Module]
     body_channels: int
     # fastai's split point: layers before it train at the smallest learning rate.
     early_layers: int
@@ -43,6 +63,9 @@ class Architecture:
     # fastai's head dropout; the tiny CNN, trained from scratch on little data, needs less.
     dropout: float = 0.5
     weights_file: str | None = None
+    preprocessing: Preprocessing = Preprocessing()
+    # timm: the cached pretrained file, looked up without any network (None: not cached).
+    find_cached: Callable[[], Path | None] | None = None
 
 
 def _torchvision_body(name: str, keep: Callable[[nn.Module], list[nn.Module]]) -> nn.Sequential:
@@ -117,9 +140,20 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def get_architecture(arch: str) -> Architecture:
+    """A registered architecture, or ``timm:NAME`` built from timm's registry."""
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    if arch.startswith(TIMM_PREFIX):
+        return _timm_architecture(arch.removeprefix(TIMM_PREFIX))
+    raise UnknownArchitecture(
+        f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)} or timm:NAME"
+    )
+
+
 def hub_weights_path(arch: str) -> Path | None:
     """Where torchvision caches this architecture's default weights (None: it has none)."""
-    file_name = ARCHITECTURES[arch].weights_file
+    file_name = get_architecture(arch).weights_file
     return None if file_name is None else Path(torch.hub.get_dir()) / "checkpoints" / file_name
 
 
@@ -129,10 +163,7 @@ def resolve_weights(arch: str, weights: str | None) -> Path | None:
     ``weights`` is a path, ``"none"``, or None for the architecture's default (pretrained
     where torchvision has weights for it).
     """
-    if arch not in ARCHITECTURES:
-        raise UnknownArchitecture(
-            f"unknown architecture {arch!r}; choose from {', '.join(ARCHITECTURES)} or timm:NAME"
-        )
+    spec = get_architecture(arch)
     if weights == "none":
         return None
     if weights is not None:
@@ -140,6 +171,17 @@ def resolve_weights(arch: str, weights: str | None) -> Path | None:
         if not path.is_file():
             raise WeightsNotFound(f"--weights {path}: no such file")
         return path
+    if spec.find_cached is not None:
+        found = spec.find_cached()
+        if found is None:
+            raise WeightsNotFound(
+                f"{arch} starts from its pretrained weights, which are not in the local "
+                "Hugging Face cache and are never downloaded here. Fetch them once "
+                f"(timm.create_model({arch.removeprefix(TIMM_PREFIX)!r}, pretrained=True) "
+                "where there is a network), pass --weights PATH to its state dict, or pass "
+                "--weights none to train from random weights."
+            )
+        return found
     cached = hub_weights_path(arch)
     if cached is None:
         return None
@@ -185,12 +227,13 @@ def create_head(n_features: int, n_out: int, hidden: int, dropout: float = 0.5) 
 class VisionModel(nn.Module):
     """Body and head, with fastai's freezing and parameter groups."""
 
-    def __init__(self, arch: str, n_out: int, body: nn.Sequential | None = None) -> None:
+    def __init__(self, arch: str, n_out: int, body: nn.Module | None = None) -> None:
         super().__init__()
-        spec = ARCHITECTURES[arch]
+        spec = get_architecture(arch)
         self.arch = arch
         self.n_out = n_out
         self.early_layers = spec.early_layers
+        self.preprocessing = spec.preprocessing
         self.body = body if body is not None else spec.build_body()
         self.head = create_head(spec.body_channels, n_out, spec.head_hidden, spec.dropout)
 
@@ -200,8 +243,9 @@ class VisionModel(nn.Module):
 
     def param_groups(self) -> list[list[nn.Parameter]]:
         """Body early, body late, head: the groups discriminative learning rates spread over."""
-        early = [p for layer in self.body[: self.early_layers] for p in layer.parameters()]
-        late = [p for layer in self.body[self.early_layers :] for p in layer.parameters()]
+        layers = list(self.body.children())
+        early = [p for layer in layers[: self.early_layers] for p in layer.parameters()]
+        late = [p for layer in layers[self.early_layers :] for p in layer.parameters()]
         return [early, late, list(self.head.parameters())]
 
     def freeze_body(self) -> None:
@@ -217,15 +261,30 @@ class VisionModel(nn.Module):
 
     def checkpoint(self) -> dict[str, Any]:
         """A plain dict that carries the arguments needed to rebuild this model."""
-        return {"arch": self.arch, "n_out": self.n_out, "state_dict": self.state_dict()}
+        return {
+            "arch": self.arch,
+            "n_out": self.n_out,
+            "state_dict": self.state_dict(),
+            "mean": list(self.preprocessing.mean),
+            "std": list(self.preprocessing.std),
+        }
 
 
 def create_model(arch: str, n_out: int, weights_file: Path | None) -> VisionModel:
     """A model with a pretrained body from ``weights_file`` (see resolve_weights), or random."""
     if weights_file is None:
         return VisionModel(arch, n_out)
-    state = torch.load(weights_file, map_location="cpu", weights_only=True)
-    return VisionModel(arch, n_out, body=ARCHITECTURES[arch].load_body(state))
+    return VisionModel(arch, n_out, body=get_architecture(arch).load_body(load_state(weights_file)))
+
+
+def load_state(path: Path) -> dict[str, Tensor]:
+    """A state dict from a ``.safetensors`` file or a torch file, tensors only."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state: dict[str, Tensor] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> VisionModel:
@@ -240,21 +299,16 @@ def uint8_to_float(images: Tensor) -> Tensor:
 
 
 class Normalized(nn.Module):
-    """Takes float NCHW in [0, 1] and applies the ImageNet statistics before the network."""
+    """Takes float NCHW in [0, 1] and applies the backbone's own mean and std first."""
 
     mean: Tensor
     std: Tensor
 
-    def __init__(
-        self,
-        net: nn.Module,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
-    ) -> None:
+    def __init__(self, net: VisionModel) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(net.preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(net.preprocessing.std).view(1, 3, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.net((x - self.mean) / self.std)
@@ -271,3 +325,77 @@ class ServingModel(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.activation(self.model(uint8_to_float(images)))
+
+
+@functools.lru_cache(maxsize=16)
+def _timm_architecture(name: str) -> Architecture:
+    """A timm backbone: its feature map, its own preprocessing, its cached weights."""
+    import timm
+    from timm.data.config import resolve_data_config
+
+    def build() -> nn.Module:
+        # No classifier and no pooling: the feature map goes to the fastai head.
+        model: nn.Module = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        return model
+
+    try:
+        # Any: timm's attributes (num_features, pretrained_cfg) are not typed on nn.Module.
+        probe: Any = build()
+    except RuntimeError as exc:  # timm: "Unknown model (...)"
+        raise UnknownArchitecture(f"timm:{name}: {exc}") from None
+    channels = int(probe.num_features)
+    config = resolve_data_config({}, model=probe)  # type: ignore[no-untyped-call]
+    height, width = config["input_size"][1:]
+    with torch.no_grad():
+        shape = tuple(probe.eval()(torch.zeros(1, 3, height, width)).shape)
+    if len(shape) != 4 or shape[1] != channels:
+        raise UnknownArchitecture(
+            f"timm:{name} gives features of shape {shape}, not a channels-first feature map "
+            f"[N, {channels}, H, W]; only convolutional timm backbones fit the pooling head"
+        )
+    pretrained = probe.pretrained_cfg
+    classifier = pretrained.get("classifier") or "fc"
+
+    def load(state: dict[str, Tensor]) -> nn.Module:
+        body = build()
+        result = body.load_state_dict(state, strict=False)
+        # The published file carries the classifier this body leaves out, and nothing else.
+        unexpected = [k for k in result.unexpected_keys if not k.startswith(classifier + ".")]
+        if result.missing_keys or unexpected:
+            raise WeightsNotFound(
+                f"timm:{name}: the weights do not fit: missing {result.missing_keys[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        return body
+
+    def find_cached() -> Path | None:
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = pretrained.get("hf_hub_id")
+        for file_name in TIMM_WEIGHT_FILES if hub_id else ():
+            # Read at call time (the hub reads its own setting once, at import).
+            cache_dir = os.environ.get("HF_HUB_CACHE")
+            found: Any = try_to_load_from_cache(hub_id, file_name, cache_dir=cache_dir)
+            if isinstance(found, str):
+                return Path(found)
+        url = pretrained.get("url")
+        if url:
+            legacy = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+            return legacy if legacy.is_file() else None
+        return None
+
+    children = len(list(probe.children()))
+    return Architecture(
+        name=TIMM_PREFIX + name,
+        build_body=build,
+        load_body=load,
+        body_channels=channels,
+        # fastai splits a timm body in two; the earlier half of its top-level modules.
+        early_layers=max(1, children // 2),
+        preprocessing=Preprocessing(
+            mean=tuple(float(v) for v in config["mean"]),
+            std=tuple(float(v) for v in config["std"]),
+            input_size=(int(height), int(width)),
+        ),
+        find_cached=find_cached,
+    )

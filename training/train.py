@@ -29,8 +29,9 @@ from .config import TrainConfig, TrainConfigError
 from .data import DataLoaders, make_loaders
 from .datasets import Dataset, read_dataset
 from .export import build_config, export_to_repository, serving_model
+from .kinds import get_kind
 from .learner import BatchTransform, Learner, LearnerOptions, LRFindResult, is_main_process
-from .models import create_model, resolve_weights
+from .models import create_model, get_architecture, resolve_weights
 from .plots import lr_find_curve
 from .tasks import Evaluation, Task, get_task
 
@@ -75,9 +76,10 @@ def open_session(config: TrainConfig) -> Session:
     device = resolve_device(config.device)
     weights_file = resolve_weights(config.arch_name, config.weights)
     dataset = read_dataset(config.kind, config.data, **config.reader_options())
+    size = input_size(config)
     loaders = make_loaders(
         dataset,
-        size=config.input_size,
+        size=size,
         presize=config.presize,
         bs=config.bs,
         resize_method=config.resize_method,
@@ -96,7 +98,7 @@ def open_session(config: TrainConfig) -> Session:
         loaders,
         task,
         device=device,
-        augment=_augmenter(config, dataset.task),
+        augment=_augmenter(config, dataset.task, size),
         options=LearnerOptions(
             label_smoothing=config.label_smoothing,
             mixup=config.mixup,
@@ -203,11 +205,23 @@ def _publish(
     return version_dir
 
 
-def _augmenter(config: TrainConfig, task: str) -> BatchTransform:
+def input_size(config: TrainConfig) -> tuple[int, int]:
+    """``--size``, else the kind's default at the height the backbone was trained at."""
+    if config.size is not None:
+        return config.size
+    height, width = get_kind(config.kind).default_size
+    trained = get_architecture(config.arch_name).preprocessing.input_size
+    if trained is None:
+        return height, width
+    # The kind's shape (BIWI's 4:3 keeps every head in view) at the backbone's scale.
+    return trained[0], round(width * trained[0] / height)
+
+
+def _augmenter(config: TrainConfig, task: str, size: tuple[int, int]) -> BatchTransform:
     try:
         augment_config = augment_for_task(
             task,
-            config.input_size,
+            size,
             min_scale=config.min_scale,
             max_rotate=config.max_rotate,
             max_lighting=config.max_lighting,

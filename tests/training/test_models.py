@@ -38,7 +38,8 @@ def test_param_groups_split_body_early_late_and_head_covering_every_parameter() 
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert {id(p) for p in groups[2]} == {id(p) for p in model.head.parameters()}
     # resnet's stem and first two stages train slowest, as fastai splits it.
-    assert {id(p) for p in groups[0]} == {id(p) for p in model.body[:6].parameters()}
+    stem_and_early = list(model.body.children())[:6]
+    assert {id(p) for p in groups[0]} == {id(p) for m in stem_and_early for p in m.parameters()}
 
 
 def test_freeze_body_leaves_batchnorm_and_head_trainable() -> None:
