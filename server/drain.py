@@ -4,8 +4,9 @@ grpc.aio's ``server.stop(grace)`` cancels every call that gRPC has received but 
 handed to a handler, and the client sees CANCELLED, which it never retries. So the app
 drains before it stops: ``begin`` makes every call that reaches a handler from then on
 fail at once with UNAVAILABLE (which clients retry, on another replica or once this one
-is back), while the calls already in a handler run to their real answer; PredictStream
-stops reading new requests and ends once the ones it has are answered. Only when no
+is back), while the calls already in a handler run to their real answer; a request
+stream (PredictStream, ModelStreamInfer) reads no more requests, the handler answers the
+ones it has, and the call ends with UNAVAILABLE. Only when no
 call is left in a handler and none has arrived for ``QUIET_SECONDS`` (so gRPC holds
 none that it has not handed over yet), or the grace is spent, does the app call
 ``server.stop``, which then has nothing of ours to cancel. The refusals carry a retry
@@ -133,13 +134,56 @@ def _wrapped(handler: Handler, drain: Drain) -> Handler:
     return grpc.unary_unary_rpc_method_handler(_awaited(inner, drain), **codecs)
 
 
+class _Requests:
+    """A call's request stream that ends once the drain begins.
+
+    The handler then answers the requests it has read and returns, as at the end of
+    the stream; ``cut`` tells the wrapper to end the call with UNAVAILABLE, since the
+    caller may have had more to send. An idle stream so ends at once.
+    """
+
+    def __init__(self, requests: AsyncIterator[Any], drain: Drain) -> None:
+        self._requests = requests
+        self._drain = drain
+        self.cut = False
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        drained = asyncio.ensure_future(self._drain.started())
+        try:
+            while True:
+                reading = asyncio.ensure_future(anext(self._requests, None))
+                await asyncio.wait((reading, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    reading.cancel()
+                    self.cut = True
+                    return
+                request = reading.result()
+                if request is None:
+                    return
+                yield request
+        finally:
+            drained.cancel()
+
+
+def _requests_of(request: Any, drain: Drain) -> tuple[Any, _Requests | None]:
+    """What the handler gets: a unary request as is, a request stream that ends on drain."""
+    if isinstance(request, AsyncIterator):
+        stream = _Requests(request, drain)
+        return stream.__aiter__(), stream
+    return request, None
+
+
 def _awaited(inner: Callable[..., Any], drain: Drain) -> Callable[..., Awaitable[Any]]:
     async def behavior(request: Any, context: Context) -> Any:
         if drain.draining:
             drain.refuse()
             await _refuse(context)
+        given, stream = _requests_of(request, drain)
         with drain.call():
-            return await inner(request, context)
+            result = await inner(given, context)
+        if stream is not None and stream.cut:
+            await _refuse(context)
+        return result
 
     return behavior
 
@@ -149,9 +193,12 @@ def _streaming(inner: Callable[..., AsyncIterator[Any]], drain: Drain) -> Callab
         if drain.draining:
             drain.refuse()
             await _refuse(context)
+        given, stream = _requests_of(request, drain)
         with drain.call():
-            async for response in inner(request, context):
+            async for response in inner(given, context):
                 yield response
+        if stream is not None and stream.cut:
+            await _refuse(context)
 
     return behavior
 
