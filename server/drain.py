@@ -8,7 +8,8 @@ is back), while the calls already in a handler run to their real answer; a reque
 stream (PredictStream, ModelStreamInfer) reads no more requests, the handler answers the
 ones it has, and the call ends with UNAVAILABLE. Only when no
 call is left in a handler and none has arrived for ``QUIET_SECONDS`` (so gRPC holds
-none that it has not handed over yet), or the grace is spent, does the app call
+none that it has not handed over yet; waiting at most ``QUIET_WAIT_LIMIT`` for that), or
+the grace is spent, does the app call
 ``server.stop``, which then has nothing of ours to cancel. The refusals carry a retry
 hint of ``RETRY_AFTER_SECONDS``: clients wait that long before their retry, which
 quiets this server at once and lets the retry find a replica that serves (or this
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # the stubs make these generic; grpc's runtime classes are no
 
 SHUTTING_DOWN = "the server is shutting down; retry on another replica or once it is back"
 QUIET_SECONDS = 0.05
+QUIET_WAIT_LIMIT = 1.0
 RETRY_AFTER_SECONDS = 1.0
 PUSHBACK = ("grpc-retry-pushback-ms", str(round(RETRY_AFTER_SECONDS * 1000)))
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -48,6 +50,8 @@ class Drain:
         self.in_flight = 0
         # time.monotonic() when a handler last began, refused or not.
         self.last_arrival = 0.0
+        # Set when a call runs, so wait_idle knows an idle stretch was interrupted.
+        self.in_flight_since_idle = False
         self._started = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -62,16 +66,21 @@ class Drain:
         await self._started.wait()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """True once no call is in a handler and none arrived for ``QUIET_SECONDS``;
-        False if ``timeout`` seconds passed first."""
+        """True once no call is in a handler and none arrived for ``QUIET_SECONDS``
+        (callers that ignore the retry hint may never allow that: after
+        ``QUIET_WAIT_LIMIT`` seconds without a call in a handler it is enough); False
+        if ``timeout`` seconds passed first."""
         deadline = time.monotonic() + timeout
+        idle_since: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - time.monotonic()))
             if not self._idle.is_set():
                 return False
-            quiet_at = self.last_arrival + QUIET_SECONDS
             now = time.monotonic()
+            if idle_since is None or self.in_flight_since_idle:
+                idle_since, self.in_flight_since_idle = now, False
+            quiet_at = min(self.last_arrival + QUIET_SECONDS, idle_since + QUIET_WAIT_LIMIT)
             if now >= quiet_at:
                 return True
             if now >= deadline:
@@ -86,6 +95,7 @@ class Drain:
     def call(self) -> Iterator[None]:
         """Counts one call as in flight for as long as its handler runs."""
         self.last_arrival = time.monotonic()
+        self.in_flight_since_idle = True
         self.in_flight += 1
         self._idle.clear()
         try:
