@@ -29,7 +29,7 @@ RED = png(solid(255, 0, 0))
 IDLE_LIMIT_SECONDS = 0.5
 # How long a connection is watched: many idle limits, and far below anything that could
 # close a connection otherwise (keepalive, connection age).
-WATCH_SECONDS = 3.0
+WATCH_SECONDS = 5.0
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = struct.pack(">I", 0)[1:] + bytes([0x4, 0]) + struct.pack(">I", 0)
 SETTINGS, PING, GOAWAY = 0x4, 0x6, 0x7
