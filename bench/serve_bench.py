@@ -28,7 +28,9 @@ JPEG inputs; ``--protocol both`` runs the two side by side on one server, altern
 per row, and prints the v2/v1 ratio of each.
 
 ``--server-flag`` passes flags to ``visionrpc serve`` (e.g. ``--server-flag=--intra-op-
-spinning=on``) to compare thread settings in the same way.
+spinning=on``). ``--compare-flag`` starts a second server with those flags added and
+alternates every row between the two (the idle one sleeps), then prints the second's
+throughput over the first's per row: an A/B that a drifting machine load cannot skew.
 """
 
 from __future__ import annotations
@@ -211,6 +213,8 @@ class LoadResult:
     model: str
     input: str
     protocol: str
+    # "A" for the server with --server-flag, "B" for the one with --compare-flag added.
+    server: str
     concurrency: int
     images_per_second: float
     p50_ms: float
@@ -299,6 +303,7 @@ def measure(
     protocol: str,
     concurrency: int,
     args: argparse.Namespace,
+    server: str = "A",
 ) -> LoadResult:
     before = batch_histogram(metrics_port, model)
     rate, latencies, errors = asyncio.run(
@@ -320,6 +325,7 @@ def measure(
         model=model,
         input=kind,
         protocol=protocol,
+        server=server,
         concurrency=concurrency,
         images_per_second=rate,
         p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
@@ -400,6 +406,10 @@ def main() -> int:
     )
     parser.add_argument("--server-flag", action="append", default=[], help="extra serve flag")
     parser.add_argument(
+        "--compare-flag", action="append", default=[],
+        help="serve flag of a second server measured row by row beside the first",
+    )  # fmt: skip
+    parser.add_argument(
         "--protocol", choices=("v1", "v2", "both"), default="v1",
         help="visionrpc.v1 Predict, Open Inference Protocol ModelInfer (JPEG rows), or both",
     )  # fmt: skip
@@ -426,11 +436,18 @@ def main() -> int:
                 spinning = "on " if spin else "off"
                 print(f"raw {name} batch {batch:>2}, spinning {spinning}: {rate:6.1f} images/s")
             print(f"raw {name} batch-1 p50: {raw.best_batch1_p50_ms:.1f} ms")
-        port, metrics_port = free_port(), free_port()
-        log = Path(scratch) / "server.log"
-        process = start_server(repository, port, metrics_port, log, args.server_flag)
+        servers = {"A": args.server_flag}
+        if args.compare_flag:
+            servers["B"] = [*args.server_flag, *args.compare_flag]
+        running: dict[str, tuple[subprocess.Popen[bytes], int, int]] = {}
+        log = Path(scratch) / "server-A.log"
         results: list[LoadResult] = []
         try:
+            for label, flags in servers.items():
+                port, metrics_port = free_port(), free_port()
+                server_log = Path(scratch) / f"server-{label}.log"
+                process = start_server(repository, port, metrics_port, server_log, flags)
+                running[label] = (process, port, metrics_port)
             protocols = ["v1", "v2"] if args.protocol == "both" else [args.protocol]
             rows = [
                 (name, kind, concurrency, protocol)
@@ -442,14 +459,17 @@ def main() -> int:
                 if not (protocol == "v2" and kind.startswith("raw"))
             ]
             for name, kind, concurrency, protocol in rows:
-                result = measure(
-                    f"127.0.0.1:{port}", metrics_port, name, kind, protocol, concurrency, args
-                )
-                results.append(result)
-                print(format_row(result, raw_before[name].best[1]), flush=True)
+                for label, (_, port, metrics_port) in running.items():
+                    address = f"127.0.0.1:{port}"
+                    result = measure(
+                        address, metrics_port, name, kind, protocol, concurrency, args, label
+                    )
+                    results.append(result)
+                    print(format_row(result, raw_before[name].best[1]), flush=True)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for process, _, _ in running.values():
+                process.terminate()
+                process.wait(timeout=60)
         startup = [
             line for line in log.read_text(errors="replace").splitlines() if "usable CPUs" in line
         ]
@@ -458,14 +478,33 @@ def main() -> int:
             for name, path in models.items()
             for spin in [raw_before[name].best[0][1]]
         }
-    print_summary(results, raw_before, raw_after, args.concurrency, startup)
+    print_summary(
+        [r for r in results if r.server == "A"], raw_before, raw_after, args.concurrency, startup
+    )
+    if args.compare_flag:
+        print_comparison(results, " ".join(args.compare_flag))
     return 0
+
+
+def print_comparison(results: list[LoadResult], flags: str) -> None:
+    """B (with the compared flags) over A, row by row: images/s and p50."""
+    first = {(r.model, r.input, r.protocol, r.concurrency): r for r in results if r.server == "A"}
+    print(f"\nB ({flags}) against A, same rows alternating: images/s B/A, p50 ms A -> B")
+    for second in (r for r in results if r.server == "B"):
+        base = first[(second.model, second.input, second.protocol, second.concurrency)]
+        print(
+            f"{second.model} {second.protocol} {second.input} C={second.concurrency}: "
+            f"{base.images_per_second:.1f} -> {second.images_per_second:.1f} "
+            f"({second.images_per_second / base.images_per_second:.2f}), "
+            f"p50 {base.p50_ms:.1f} -> {second.p50_ms:.1f}"
+        )
 
 
 def format_row(result: LoadResult, raw_best: float) -> str:
     sizes = " ".join(f"{key}:{count}" for key, count in result.batch_sizes.items())
     return (
-        f"{result.model:<14} {result.protocol} {result.input:<15} C={result.concurrency:<3} "
+        f"{result.server} {result.model:<14} {result.protocol} {result.input:<15} "
+        f"C={result.concurrency:<3} "
         f"{result.images_per_second:7.1f} img/s ({result.images_per_second / raw_best:4.2f})  "
         f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
         f"mean batch {result.mean_batch:4.1f}  batches {sizes}"

@@ -132,7 +132,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     )
     drain = Drain()
     servicer = InferenceServicer(
-        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight, drain=drain
+        pipeline, repository, stream_max_in_flight=settings.stream_max_in_flight
     )
     observability = ObservabilityInterceptor(
         metrics,

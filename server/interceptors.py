@@ -60,15 +60,14 @@ logger = logging.getLogger(__name__)
 VersionResolver = Callable[[str, str], str]
 
 
-def rpc_type(handler: Handler) -> str:
+def rpc_type(request_streaming: bool, response_streaming: bool) -> str:
     """The ``grpc_type`` label value, as go-grpc-prometheus spells it."""
-    if handler.request_streaming and handler.response_streaming:
-        return "bidi_stream"
-    if handler.request_streaming:
-        return "client_stream"
-    if handler.response_streaming:
-        return "server_stream"
-    return "unary"
+    return {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }[request_streaming, response_streaming]
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
@@ -84,13 +83,7 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         self._rpcs: dict[str, RpcMetrics] = {}
         for service in services:
             for method in service.methods:
-                streaming = (method.client_streaming, method.server_streaming)
-                kind = {
-                    (False, False): "unary",
-                    (True, False): "client_stream",
-                    (False, True): "server_stream",
-                    (True, True): "bidi_stream",
-                }[streaming]
+                kind = rpc_type(method.client_streaming, method.server_streaming)
                 self._rpcs[f"/{service.full_name}/{method.name}"] = metrics.for_rpc(
                     kind, service.full_name, method.name
                 )
@@ -107,7 +100,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type
         rpc = self._rpcs.get(method)
         if rpc is None:
             service, _, name = method.lstrip("/").partition("/")
-            rpc = self._rpcs[method] = self._metrics.for_rpc(rpc_type(handler), service, name)
+            kind = rpc_type(handler.request_streaming, handler.response_streaming)
+            rpc = self._rpcs[method] = self._metrics.for_rpc(kind, service, name)
         messages = PREDICTION_METHODS.get(method)
         ledger = (
             None

@@ -24,7 +24,6 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos import task_to_proto
 
 from .client_text import DETAILS_LIMIT, printable
-from .drain import SHUTTING_DOWN, Drain
 from .errors import ErrorKind, VisionRPCError
 from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
 from .postprocess import ImageResult, PredictionOptions
@@ -69,12 +68,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         repository: ModelRepository,
         *,
         stream_max_in_flight: int,
-        drain: Drain | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._repository = repository
         self._stream_max_in_flight = stream_max_in_flight
-        self._drain = Drain() if drain is None else drain
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         try:
@@ -90,39 +87,26 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         """Answers requests concurrently, at most ``stream_max_in_flight`` at a time.
 
         A slot frees only once its answer is sent, so a client that stops reading
-        stops the server from reading (and working on) more of its requests. Once the
-        server drains, the stream reads no more requests, answers the ones it has and
-        ends with UNAVAILABLE, so an idle stream does not hold the shutdown.
+        stops the server from reading (and working on) more of its requests. (When the
+        server drains, ``drain.DrainInterceptor`` ends ``request_iterator``.)
         """
         deadline = _deadline(context)
         answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self._stream_max_in_flight)
-        cut_by_drain = False
 
         async def answer(request: pb.PredictRequest) -> None:
             answers.put_nowait(await self._stream_answer(request, deadline))
 
         async def read_requests() -> None:
-            nonlocal cut_by_drain
             in_flight: set[asyncio.Task[None]] = set()
-            drained = asyncio.ensure_future(self._drain.started())
             try:
-                while True:
-                    reading = asyncio.ensure_future(anext(request_iterator, None))
-                    await asyncio.wait((reading, drained), return_when=asyncio.FIRST_COMPLETED)
-                    if not reading.done():
-                        reading.cancel()
-                        cut_by_drain = True
-                        break
-                    if (request := reading.result()) is None:
-                        break
+                async for request in request_iterator:
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
                 await asyncio.gather(*in_flight)
             finally:
-                drained.cancel()
                 for task in in_flight:
                     task.cancel()
                 answers.put_nowait(None)
@@ -135,8 +119,6 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             await reader
         finally:
             reader.cancel()
-        if cut_by_drain:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context

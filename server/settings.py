@@ -201,6 +201,9 @@ class ServerSettings:
         return [
             *options,
             ("grpc.keepalive_timeout_ms", _milliseconds(self.keepalive_timeout_seconds)),
+            # gRPC core waits this long for any ping's answer, keepalive pings included:
+            # without it an unanswered keepalive ping closes nothing for a minute.
+            ("grpc.http2.ping_timeout_ms", _milliseconds(self.keepalive_timeout_seconds)),
             (
                 "grpc.http2.min_ping_interval_without_data_ms",
                 _milliseconds(self.keepalive_min_ping_interval_seconds),

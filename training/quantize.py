@@ -10,7 +10,7 @@ metrics side by side. The int8 model becomes the next version (the server serves
 any other) only when its metric is at most ``--max-drop`` worse (default one point:
 0.01 for error_rate and accuracy_multi, 1 px for point_error_px), unless ``--force``.
 
-The dataset and its split come from the version's checkpoint (what training used);
+The dataset and its split come from the model config's training summary (what training used);
 ``--data`` and ``--kind`` override them. ``visionrpc train ... --quantize int8`` runs the
 same steps on the version it has just written.
 """

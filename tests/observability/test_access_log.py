@@ -207,3 +207,22 @@ def test_a_20_kb_model_name_gives_a_short_not_found_the_client_reports(
             client.model_info(huge, timeout=10)
     assert len(str(failure.value)) < 1000
     assert "more characters" in str(failure.value)
+
+
+async def test_a_method_nobody_registered_is_neither_counted_nor_logged(
+    served: tuple[RunningServer, grpc.aio.Channel], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, channel = served
+    # Raw bytes: the stubs know only the registered methods.
+    made_up: Any = channel.unary_unary("/visionrpc.v1.InferenceService/Scan0001")  # type: ignore[call-arg]
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await made_up(b"")
+    assert failure.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    methods = {
+        sample.labels.get("grpc_method")
+        for family in server.metrics.registry.collect()
+        for sample in family.samples
+    }
+    assert "Scan0001" not in methods
+    assert "Predict" in methods
+    assert access_records(caplog) == []

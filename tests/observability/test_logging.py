@@ -12,9 +12,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
+from visionrpc.server.interceptors import ObservabilityInterceptor
 from visionrpc.server.logging_setup import (
     ACCESS_LOGGER,
     JsonFormatter,
@@ -24,6 +28,7 @@ from visionrpc.server.logging_setup import (
     request_id,
     request_log,
 )
+from visionrpc.server.metrics import ServerMetrics
 
 
 @pytest.fixture
@@ -180,3 +185,47 @@ def test_configure_logging_twice_replaces_only_its_own_handler() -> None:
 def test_configure_logging_refuses_unknown_settings(level: str, fmt: str) -> None:
     with pytest.raises(ValueError):
         configure_logging(level, fmt)  # type: ignore[arg-type]
+
+
+async def test_records_a_handler_and_its_tasks_log_carry_the_calls_request_id() -> None:
+    """Through the real interceptor on a real server, with a handler that only logs."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("visionrpc.test.in_call")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+
+    async def work(request: bytes, context: object) -> bytes:
+        async def child() -> None:
+            logger.info("in a task the handler started")
+
+        await asyncio.create_task(child())
+        logger.info("in the handler")
+        return request
+
+    metrics = ServerMetrics(CollectorRegistry())
+    server = grpc.aio.server(interceptors=[ObservabilityInterceptor(metrics, lambda _m, v: v)])
+    handlers = {"Work": grpc.unary_unary_rpc_method_handler(work)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Logs", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call: Any = channel.unary_unary("/test.Logs/Work")  # type: ignore[call-arg]
+            await asyncio.gather(
+                call(b"a", metadata=(("x-request-id", "traced-1"),)),
+                call(b"b", metadata=(("x-request-id", "traced-2"),)),
+            )
+    finally:
+        await server.stop(0)
+        logger.removeHandler(handler)
+    entries = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert sorted((entry["request_id"], entry["message"]) for entry in entries) == [
+        ("traced-1", "in a task the handler started"),
+        ("traced-1", "in the handler"),
+        ("traced-2", "in a task the handler started"),
+        ("traced-2", "in the handler"),
+    ]

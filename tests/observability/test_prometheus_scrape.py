@@ -44,6 +44,10 @@ def drive(metrics: ServerMetrics) -> None:
     metrics.tta_used("pets", "1", images=5)
     batcher.queue_waited(0.003)
     metrics.preprocess_observed("pets", 0.002)
+    predict = metrics.for_rpc("unary", "visionrpc.v1.InferenceService", "Predict")
+    for code in ("OK", "OK", "NOT_FOUND"):
+        predict.started()
+        predict.handled(code, 0.004)
     metrics.model_loaded("heads", "1", "points", "CPUExecutionProvider", 0.1)
     metrics.points_observed("heads", "1", [-0.2, 0.1], [0.4, 0.6])
 

@@ -122,11 +122,17 @@ def offline(trained: Trained, data: bytes) -> tuple[np.ndarray, Geometry]:
     return outputs, geometry
 
 
-def served_results(served: Served, model: str, files: list[bytes]) -> list[pb.ImageResult]:
+def served_results(served: Served, trained: Trained, files: list[bytes]) -> list[pb.ImageResult]:
+    """Every score of every file, without TTA: the options of the model's own task."""
+    options = {
+        "classification": pb.PredictionOptions(tta=False, top_k=1000),
+        "multilabel": pb.PredictionOptions(tta=False, threshold=0.0, all_scores=True),
+        "points": pb.PredictionOptions(tta=False),
+    }[trained.config.task]
     request = pb.PredictRequest(
-        model=model,
+        model=trained.config.name,
         images=[pb.Image(encoded=data) for data in files],
-        options=pb.PredictionOptions(tta=False, top_k=1000, threshold=0.0, all_scores=True),
+        options=options,
     )
     results = list(served.stub.Predict(request, timeout=120).results)
     errors = [r.error.message for r in results if r.WhichOneof("result") == "error"]
@@ -168,7 +174,7 @@ def served_scores(result: pb.ImageResult, labels: tuple[str, ...]) -> np.ndarray
 def test_served_scores_equal_the_validation_path(served: Served, kind: str) -> None:
     trained = served.models[kind]
     files = odd_files(trained)
-    results = served_results(served, trained.config.name, list(files.values()))
+    results = served_results(served, trained, list(files.values()))
     worst = {
         name: float(
             np.abs(served_scores(result, trained.config.labels) - offline(trained, data)[0]).max()
@@ -181,7 +187,7 @@ def test_served_scores_equal_the_validation_path(served: Served, kind: str) -> N
 def test_served_points_equal_the_validation_path_in_original_pixels(served: Served) -> None:
     trained = served.models["biwi"]
     files = odd_files(trained)
-    results = served_results(served, trained.config.name, list(files.values()))
+    results = served_results(served, trained, list(files.values()))
     for (name, data), result in zip(files.items(), results, strict=True):
         (u, v), geometry = offline(trained, data)
         (point,) = result.points.points

@@ -18,6 +18,8 @@ from tests.observability.slow_model import write_slow_model
 from tests.server.support import encoded_request, png, solid
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
+from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from visionrpc.server.app import start_app
 from visionrpc.server.batching import Batcher, BatchSettings
 from visionrpc.server.errors import Overloaded
@@ -138,3 +140,23 @@ async def test_the_drain_ends_an_idle_stream_so_it_does_not_hold_the_shutdown(
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         await asyncio.wait_for(stopping, timeout=30)
         assert app.drain.in_flight == 0
+
+
+async def test_the_drain_ends_an_idle_open_inference_stream_too(tmp_path: Path) -> None:
+    write_channel_mean_classifier(tmp_path)
+    app = await start_app(settings_for_tests(tmp_path, shutdown_grace_seconds=60))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        never: asyncio.Event = asyncio.Event()
+
+        async def silent() -> AsyncIterator[v2.ModelInferRequest]:
+            await never.wait()
+            yield v2.ModelInferRequest()
+
+        stream = stub.ModelStreamInfer(silent())
+        await asyncio.sleep(0.2)  # the call reaches its handler before the drain
+        stopping = asyncio.create_task(app.stop(60))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), timeout=30)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.wait_for(stopping, timeout=30)

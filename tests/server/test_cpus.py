@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.onnx_models import write_channel_mean_classifier
+from tests.helpers.server import free_port
+from tests.server.test_serve_command import wait_until_serving
 from visionrpc.server.cpus import cgroup_cpu_quota, plan_threads, usable_cpus
 from visionrpc.server.settings import ServerSettings, SettingsError
 
@@ -105,3 +111,32 @@ def test_a_cgroup_path_this_namespace_does_not_show_falls_back_to_the_root(
     root, proc = cgroup_v2(tmp_path, "200000 100000")
     proc.write_text("0::/kubepods/hidden/from/here\n")
     assert cgroup_cpu_quota(root, proc) == pytest.approx(2.0)
+
+
+def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    port = free_port()
+    one_cpu = {min(os.sched_getaffinity(0))}
+    command = [
+        sys.executable, "-m", "visionrpc.cli", "serve", "--repository", str(root),
+        "--port", str(port), "--metrics-port", "0", "--log-format", "json",
+    ]  # fmt: skip
+    # As `taskset -c N visionrpc serve`: the child inherits the one-CPU affinity mask.
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, one_cpu),
+    )
+    try:
+        wait_until_serving(f"127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    messages = [json.loads(line).get("message", "") for line in output.splitlines() if line]
+    plan = [m for m in messages if "usable CPUs" in m]
+    assert plan == [
+        "1 usable CPUs: 1 onnxruntime intra-op threads (spinning off), 1 decode threads"
+    ]

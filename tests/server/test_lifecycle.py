@@ -151,8 +151,9 @@ async def test_a_rolling_restart_on_the_same_port_fails_no_call(fast_model: Path
 async def test_a_call_made_while_the_model_loads_is_retried_until_it_succeeds(
     tmp_path: Path,
 ) -> None:
-    # A warm-up of about half a second: the first attempt lands while it runs.
-    write_slow_model(tmp_path, name="model", products=20)
+    # A warm-up of about a second: the first attempt lands while it runs, and the
+    # retries (1 s apart, as the server's hint says) outlast it.
+    write_slow_model(tmp_path, name="model", products=40)
     with serve_process(tmp_path) as server:
         await asyncio.to_thread(server.wait_for, "loading models")
         async with AsyncClient(server.address) as client:

@@ -111,9 +111,11 @@ async def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path: Path) -
         stub = pb_grpc.InferenceServiceStub(channel)
         batcher = server.repository.get("colors").batcher
         waiting = [asyncio.ensure_future(stub.Predict(encoded_request("colors", image)))]
+        # More images than the queue can ever hold: the caller's mistake, not load.
         with pytest.raises(grpc.aio.AioRpcError) as too_big:
             await stub.Predict(encoded_request("colors", image, image, image))
-        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert too_big.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_images_per_request" in (too_big.value.details() or "")
         waiting.append(asyncio.ensure_future(stub.Predict(encoded_request("colors", image))))
         await wait_until_queued(batcher, 2)
         with pytest.raises(grpc.aio.AioRpcError) as refused:

@@ -161,6 +161,7 @@ def test_connection_settings_become_grpc_server_options() -> None:
         "grpc.max_connection_age_grace_ms": 20_000,
         "grpc.keepalive_time_ms": 60_000,
         "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.http2.ping_timeout_ms": 20_000,
         "grpc.http2.min_ping_interval_without_data_ms": 10_000,
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.max_concurrent_streams": 100,

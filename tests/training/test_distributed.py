@@ -50,8 +50,9 @@ def test_two_processes_train_and_only_the_first_prints_and_exports(tmp_path: Pat
     errors = []
     for item in read_dataset("biwi", data).valid:
         assert isinstance(item.target, tuple)
-        data_bytes = item.path.read_bytes()
-        pixels, geometry = prepare(decode_for_model(data_bytes, config.input), config.input)
+        pixels, geometry = prepare(
+            decode_for_model(item.path.read_bytes(), config.input), config.input
+        )
         (outputs,) = session.run(None, {"images": pixels[None]})
         x, y = geometry.normalized_to_original(float(outputs[0, 0]), float(outputs[0, 1]))
         errors.append(math.dist((x, y), (float(item.target[0]), float(item.target[1]))))
