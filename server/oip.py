@@ -15,7 +15,6 @@ token, not the inference one); elsewhere they answer UNIMPLEMENTED saying how to
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 import grpc
@@ -32,7 +31,13 @@ from .health import SERVING, HealthServicer
 from .model_manager import ModelManager
 from .pipeline import Pipeline, PredictOutcome
 from .repository import LoadedModel, ModelRepository, VersionState
-from .service import Context, _deadline, abort_with_hint, status_of
+from .service import (
+    Context,
+    abort_with_hint,
+    answer_in_completion_order,
+    call_deadline,
+    status_of,
+)
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "visionrpc"
@@ -113,7 +118,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ModelInferRequest, context: Context
     ) -> v2.ModelInferResponse:
         try:
-            response = await self._infer(request, _deadline(context))
+            response = await self._infer(request, call_deadline(context))
         except Exception as exc:
             code, message = status_of(_in_request_terms(exc))
             await abort_with_hint(context, code, message, exc)
@@ -128,35 +133,13 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         stream goes on. A slot frees only once its answer is sent, so a client that stops
         reading stops the server from reading more of its requests.
         """
-        deadline = _deadline(context)
-        answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._stream_max_in_flight)
-
-        async def answer(request: v2.ModelInferRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline))
-
-        async def read_requests() -> None:
-            in_flight: set[asyncio.Task[None]] = set()
-            try:
-                async for request in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                await asyncio.gather(*in_flight)
-            finally:
-                for task in in_flight:
-                    task.cancel()
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-                slots.release()
-            await reader
-        finally:
-            reader.cancel()
+        deadline = call_deadline(context)
+        async for response in answer_in_completion_order(
+            request_iterator,
+            lambda request: self._stream_answer(request, deadline),
+            self._stream_max_in_flight,
+        ):
+            yield response
 
     async def _stream_answer(
         self, request: v2.ModelInferRequest, deadline: float | None

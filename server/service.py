@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -47,6 +47,8 @@ STATUS_CODES: dict[ErrorKind, grpc.StatusCode] = {
 Context = grpc.aio.ServicerContext[Any, Any]
 # gRPC's retry design: a client waits this many milliseconds before retrying the call.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
@@ -75,7 +77,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         try:
-            outcome = await self._pipeline.predict(call_from_proto(request), _deadline(context))
+            outcome = await self._pipeline.predict(call_from_proto(request), call_deadline(context))
         except Exception as exc:
             code, message = status_of(exc)
             await abort_with_hint(context, code, message, exc)
@@ -90,35 +92,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         stops the server from reading (and working on) more of its requests. (When the
         server drains, ``drain.DrainInterceptor`` ends ``request_iterator``.)
         """
-        deadline = _deadline(context)
-        answers: asyncio.Queue[pb.PredictResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self._stream_max_in_flight)
-
-        async def answer(request: pb.PredictRequest) -> None:
-            answers.put_nowait(await self._stream_answer(request, deadline))
-
-        async def read_requests() -> None:
-            in_flight: set[asyncio.Task[None]] = set()
-            try:
-                async for request in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(answer(request))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                await asyncio.gather(*in_flight)
-            finally:
-                for task in in_flight:
-                    task.cancel()
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read_requests())
-        try:
-            while (response := await answers.get()) is not None:
-                yield response
-                slots.release()
-            await reader
-        finally:
-            reader.cancel()
+        deadline = call_deadline(context)
+        async for response in answer_in_completion_order(
+            request_iterator,
+            lambda request: self._stream_answer(request, deadline),
+            self._stream_max_in_flight,
+        ):
+            yield response
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: Context
@@ -174,9 +154,51 @@ async def abort_with_hint(
     await context.abort(code, message, (*(context.trailing_metadata() or ()), hint))
 
 
-def _deadline(context: Context) -> float | None:
+def call_deadline(context: Context) -> float | None:
+    """The call's deadline on ``time.monotonic()``'s clock, or None if it has none."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
+
+
+async def answer_in_completion_order(
+    requests: AsyncIterator[RequestT],
+    answer: Callable[[RequestT], Awaitable[ResponseT]],
+    max_in_flight: int,
+) -> AsyncIterator[ResponseT]:
+    """A stream's answers as they complete, at most ``max_in_flight`` requests at once.
+
+    A slot frees only once its answer has been yielded (sent), so a client that stops
+    reading stops the server from reading, and working on, more of its requests.
+    ``answer`` must not raise: each protocol turns a request's failure into its answer.
+    """
+    answers: asyncio.Queue[ResponseT | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(max_in_flight)
+
+    async def answer_one(request: RequestT) -> None:
+        answers.put_nowait(await answer(request))
+
+    async def read_requests() -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(answer_one(request))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            await asyncio.gather(*in_flight)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            answers.put_nowait(None)
+
+    reader = asyncio.create_task(read_requests())
+    try:
+        while (response := await answers.get()) is not None:
+            yield response
+            slots.release()
+        await reader
+    finally:
+        reader.cancel()
 
 
 def call_from_proto(request: pb.PredictRequest) -> PredictCall:
