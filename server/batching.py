@@ -22,7 +22,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -137,9 +136,9 @@ class Batcher:
         *,
         name: str,
         observer: BatchObserver | None = None,
-        expected_batch_seconds: float = 0.0,
+        expected_row_seconds: float = 0.0,
     ) -> None:
-        """``expected_batch_seconds`` (e.g. the warm-up's) seeds the retry hints until
+        """``expected_row_seconds`` (e.g. the warm-up's) seeds the retry hints until
         batches have run."""
         self.name = name
         self.settings = settings
@@ -161,11 +160,10 @@ class Batcher:
         self._closed = False
         # Slots held by requests whose rows are still being decoded.
         self._reserved = 0
-        # A moving average of how long a batch runs, and a decaying count of recent
-        # refusals, for retry hints.
-        self._recent_batch_seconds = expected_batch_seconds
-        self._refusal_pressure = 0.0
-        self._last_refusal = 0.0
+        # For retry hints: a moving average of the model's time per row, and the time
+        # the last refused caller was told to come back.
+        self._recent_row_seconds = expected_row_seconds
+        self._next_turn = 0.0
 
     @property
     def queued(self) -> int:
@@ -197,7 +195,7 @@ class Batcher:
             raise Overloaded(
                 f"model {self.name} is overloaded: {self._taken()} of {limit} "
                 "queue slots taken; retry later",
-                retry_after_seconds=self._drain_estimate(),
+                retry_after_seconds=self._retry_hint(count),
             )
         self._reserved += count
         return Reservation(self, count)
@@ -236,26 +234,23 @@ class Batcher:
     def _taken(self) -> int:
         return len(self._pending) + self._reserved
 
-    def _drain_estimate(self) -> float:
-        """The refusal's retry hint: about when a refused caller may find room.
+    def _retry_hint(self, count: int) -> float:
+        """The refusal's retry hint: this caller's turn in a line of refused callers.
 
-        The queued rows run in ``rounds`` batches of the recent batch time; and every
-        refused caller competes for the room that frees, so the hint grows with how
-        many were refused lately (a decaying count, per queue slot). Callers that obey
-        it come back spread out (with jitter) at a rate the queue can take, so refusing
-        them stays cheap.
+        Each refused request is given the next turn, behind the rows already queued and
+        the turns already handed out, as far after the previous turn as the model takes
+        to run its ``count`` rows. Callers that obey come back about as fast as the
+        queue frees room, so each freed slot draws about one retry instead of a crowd
+        (each refusal still costs the server a received message and a reply).
         """
-        batches = math.ceil(self._taken() / self.settings.max_batch_size)
-        rounds = max(1, math.ceil(batches / self.settings.instances))
-        batch_seconds = self._recent_batch_seconds + self._delay_seconds
+        row_seconds = self._recent_row_seconds / self.settings.instances
         now = time.monotonic()
-        window = max(batch_seconds, MIN_RETRY_AFTER)
-        decay = math.exp(-(now - self._last_refusal) / window)
-        self._refusal_pressure = self._refusal_pressure * decay + 1.0
-        self._last_refusal = now
-        contention = 1.0 + self._refusal_pressure / self.settings.max_queue_size
-        estimate = rounds * batch_seconds * contention * random.uniform(0.5, 1.5)
-        return min(max(estimate, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        behind_queue = now + self._taken() * row_seconds
+        turn = max(self._next_turn, behind_queue) + count * row_seconds
+        # Callers capped at MAX_RETRY_AFTER come back early; the line must not run away.
+        self._next_turn = min(turn, now + MAX_RETRY_AFTER)
+        hint = (turn - now) * random.uniform(0.9, 1.1)
+        return min(max(hint, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
 
     async def close(self) -> None:
         """Fail whatever still waits with Unavailable, let running batches finish, stop."""
@@ -362,7 +357,8 @@ class Batcher:
                     self._executor, self._timed_run, inputs
                 )
                 self._observer.batch_ran(len(live), seconds)
-                self._recent_batch_seconds += 0.2 * (seconds - self._recent_batch_seconds)
+                row_seconds = seconds / len(live)
+                self._recent_row_seconds += 0.2 * (row_seconds - self._recent_row_seconds)
                 self.stats.runs += 1
                 self.stats.rows_run += len(live)
                 self.stats.largest_batch = max(self.stats.largest_batch, len(live))

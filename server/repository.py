@@ -369,7 +369,7 @@ def load_model(
         batching,
         name=f"{config.name}:{version}",
         observer=observer,
-        expected_batch_seconds=runtime.warmup_seconds,
+        expected_row_seconds=runtime.warmup_row_seconds,
     )
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher

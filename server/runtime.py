@@ -99,6 +99,8 @@ class ModelRuntime:
         self._input_name = self._check_input()
         self._check_output()
         self.warmup_seconds = 0.0
+        # Seconds per image row in the warm-up: the retry hints' estimate until batches run.
+        self.warmup_row_seconds = 0.0
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` in, float32 ``[N, output_width]`` out."""
@@ -124,6 +126,7 @@ class ModelRuntime:
                     "labels)"
                 )
         self.warmup_seconds = time.perf_counter() - started
+        self.warmup_row_seconds = self.warmup_seconds / max(1, sum(set(batch_sizes)))
 
     def _check_input(self) -> str:
         inputs = self._session.get_inputs()

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from visionrpc.server.batching import Batcher, BatchSettings
+from visionrpc.server.batching import MAX_RETRY_AFTER, Batcher, BatchSettings
 from visionrpc.server.errors import (
     DeadlineExceeded,
     ErrorKind,
@@ -170,6 +170,47 @@ async def test_a_full_queue_refuses_at_once_with_overloaded() -> None:
     queued += batcher.submit(rows(6))
     model.gate.set()
     assert await results(running + queued) == [2, 4, 6, 12]
+    await batcher.close()
+
+
+async def test_refused_callers_are_given_turns_one_model_run_apart() -> None:
+    # 50 ms a row, 4 rows queued: the first refused caller comes back once they have run
+    # and its own row has, each later one a row's time after the one before.
+    batcher = Batcher(
+        GatedModel(open_gate=True),
+        settings(max_queue_size=4),
+        name="t",
+        expected_row_seconds=0.05,
+    )
+    batcher.reserve(4)
+    hints = []
+    for _ in range(30):
+        with pytest.raises(Overloaded) as refused:
+            batcher.reserve(1)
+        assert refused.value.retry_after_seconds is not None
+        hints.append(refused.value.retry_after_seconds)
+    assert hints[0] == pytest.approx(0.25, rel=0.15)
+    assert hints[9] == pytest.approx(0.70, rel=0.15)
+    # The line never promises more than MAX_RETRY_AFTER, and does not run away past it.
+    assert max(hints) <= MAX_RETRY_AFTER
+    assert hints[-1] == pytest.approx(1.70, rel=0.15)
+    await batcher.close()
+
+
+async def test_a_long_line_of_refusals_is_capped_and_does_not_run_away() -> None:
+    batcher = Batcher(
+        GatedModel(open_gate=True), settings(max_queue_size=1), name="t", expected_row_seconds=1
+    )
+    batcher.reserve(1)
+    hints = []
+    for _ in range(20):
+        with pytest.raises(Overloaded) as refused:
+            batcher.reserve(1)
+        assert refused.value.retry_after_seconds is not None
+        hints.append(refused.value.retry_after_seconds)
+    assert hints[0] == pytest.approx(2.0, rel=0.15)
+    assert all(hint <= MAX_RETRY_AFTER for hint in hints)
+    assert hints[-1] >= 0.9 * MAX_RETRY_AFTER
     await batcher.close()
 
 
