@@ -35,15 +35,11 @@ from .errors import (
 )
 from .inputs import ImageInput, describe, to_proto_image
 from .results import (
-    Classification,
+    TASK_RESULTS,
     HealthStatus,
     ImageError,
-    LabelScore,
     ModelInfo,
     ModelSummary,
-    MultiLabel,
-    Point,
-    Points,
     Prediction,
 )
 
@@ -176,13 +172,6 @@ def checked_metadata(metadata: Metadata) -> tuple[tuple[str, str | bytes], ...]:
     return pairs
 
 
-def _label_scores(entries: Sequence[pb.LabelScore]) -> tuple[LabelScore, ...]:
-    return tuple(
-        LabelScore(label=entry.label, score=entry.score, threshold=entry.threshold)
-        for entry in entries
-    )
-
-
 def image_message(index: int, name: str, message: str) -> str:
     """A per-image message: its position in the caller's input, and its file when known."""
     where = f"image {index} ({name})" if name else f"image {index}"
@@ -216,34 +205,8 @@ def decode_result(
         "original_height": result.original_height,
     }
     kind = result.WhichOneof("result")
-    if kind == "classification":
-        answer = result.classification
-        return Classification(
-            top=_label_scores(answer.top),
-            below_min_confidence=answer.below_min_confidence,
-            min_confidence=answer.min_confidence,
-            **common,
-        )
-    if kind == "multilabel":
-        return MultiLabel(
-            labels=_label_scores(result.multilabel.labels),
-            all_scores=_label_scores(result.multilabel.all_scores),
-            **common,
-        )
-    if kind == "points":
-        return Points(
-            points=tuple(
-                Point(
-                    name=point.name,
-                    x=point.x,
-                    y=point.y,
-                    x_normalized=point.x_normalized,
-                    y_normalized=point.y_normalized,
-                )
-                for point in result.points.points
-            ),
-            **common,
-        )
+    if kind in TASK_RESULTS:
+        return TASK_RESULTS[kind].from_proto(getattr(result, kind), common)
     if kind == "error":
         code = status_code_from_number(result.error.code)
         message = _without_position(

@@ -5,13 +5,21 @@ Every per-image result (``Classification``, ``MultiLabel``, ``Points`` or
 augmentation was applied and with how many views, and the original image size
 (after EXIF orientation). ``to_dict()`` gives plain JSON-serialisable data with a
 ``"type"`` key naming the result kind.
+
+Each task's result class is the client's whole knowledge of that task: how its answer
+is decoded from the protobuf result (``from_proto``) and how it reads as one line
+(``summary``). ``TASK_RESULTS`` maps the protobuf result field to the class, so a new
+task is one class here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterable
 from typing import Any, TypeAlias
+
+from visionrpc.protos import inference_pb2 as pb
 
 
 def _plain(value: object) -> dict[str, Any]:
@@ -32,6 +40,10 @@ class LabelScore:
 
     def __str__(self) -> str:
         return f"{self.label} {self.score:.3f}"
+
+    @classmethod
+    def all_from_proto(cls, entries: Iterable[pb.LabelScore]) -> tuple[LabelScore, ...]:
+        return tuple(cls(label=e.label, score=e.score, threshold=e.threshold) for e in entries)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +110,21 @@ class Classification(_ImageResult):
             ranked = f"none of the known classes (best: {ranked}; min {self.min_confidence:.2f})"
         return f"{ranked} [{self._provenance()}]"
 
+    @classmethod
+    def from_proto(cls, answer: pb.Classification, common: dict[str, Any]) -> Classification:
+        return cls(
+            top=LabelScore.all_from_proto(answer.top),
+            below_min_confidence=answer.below_min_confidence,
+            min_confidence=answer.min_confidence,
+            **common,
+        )
+
+    def summary(self) -> str:
+        ranked = ", ".join(str(entry) for entry in self.top)
+        if self.below_min_confidence:
+            return f"(none: best {ranked} < {self.min_confidence:.2f})"
+        return ranked
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MultiLabel(_ImageResult):
@@ -119,6 +146,20 @@ class MultiLabel(_ImageResult):
         found = ", ".join(str(entry) for entry in self.labels) or "no labels"
         return f"{found} [{self._provenance()}]"
 
+    @classmethod
+    def from_proto(cls, answer: pb.MultiLabel, common: dict[str, Any]) -> MultiLabel:
+        return cls(
+            labels=LabelScore.all_from_proto(answer.labels),
+            all_scores=LabelScore.all_from_proto(answer.all_scores),
+            **common,
+        )
+
+    def summary(self) -> str:
+        found = ", ".join(str(entry) for entry in self.labels) or "(no labels)"
+        if self.all_scores:
+            return f"{found}  | all: {', '.join(str(entry) for entry in self.all_scores)}"
+        return found
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Points(_ImageResult):
@@ -128,6 +169,25 @@ class Points(_ImageResult):
 
     def __str__(self) -> str:
         return f"{', '.join(str(point) for point in self.points)} [{self._provenance()}]"
+
+    @classmethod
+    def from_proto(cls, answer: pb.PointList, common: dict[str, Any]) -> Points:
+        return cls(
+            points=tuple(
+                Point(
+                    name=point.name,
+                    x=point.x,
+                    y=point.y,
+                    x_normalized=point.x_normalized,
+                    y_normalized=point.y_normalized,
+                )
+                for point in answer.points
+            ),
+            **common,
+        )
+
+    def summary(self) -> str:
+        return ", ".join(str(point) for point in self.points)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,9 +211,19 @@ class ImageError(_ImageResult):
     def __str__(self) -> str:
         return f"error {self.code}: {self.message}"
 
+    def summary(self) -> str:
+        return f"ERROR {self.code}: {self.message}"
+
 
 Prediction: TypeAlias = Classification | MultiLabel | Points | ImageError
 """Any per-image result; narrow it with ``isinstance``."""
+
+# The protobuf ImageResult's oneof field for each task's answer -> its result class.
+TASK_RESULTS: dict[str, type[Classification] | type[MultiLabel] | type[Points]] = {
+    "classification": Classification,
+    "multilabel": MultiLabel,
+    "points": Points,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
