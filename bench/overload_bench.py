@@ -43,13 +43,20 @@ import grpc
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from serve_bench import MODEL, cpu_name, export_resnet18, free_port, photo_jpeg, start_server
+from serve_bench import (
+    MODEL,
+    PUSHBACK_KEY,
+    cpu_name,
+    export_resnet18,
+    free_port,
+    photo_jpeg,
+    start_server,
+)
 
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server.model_config import model_config_from_dict, write_repository_entry
 
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # The start of a phase, when all its callers send their first call at once.
 RAMP_SECONDS = 2.0
 QUEUE_SIZE = 8

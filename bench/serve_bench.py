@@ -50,6 +50,7 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -71,6 +72,8 @@ from visionrpc.server.model_config import (
 
 SIZE = 224
 MODEL = "resnet18"
+# gRPC's retry design: a refused call may be retried after this many milliseconds.
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 INT8_MODEL = "resnet18_int8"
 INPUTS = ("raw 224x224", "JPEG 224x224", "JPEG 500x375", "JPEG 4000x3000")
 
@@ -264,8 +267,13 @@ async def drive(
                 sent = time.perf_counter()
                 try:
                     await send()
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as error:
                     errors += 1
+                    # A refusal's retry hint is obeyed, as a gRPC client with retries does.
+                    trailing: Any = error.trailing_metadata() or ()
+                    hints = [value for key, value in trailing if key == PUSHBACK_KEY]
+                    if hints:
+                        await asyncio.sleep(int(str(hints[0])) / 1000)
                     continue
                 done = time.perf_counter()
                 if window_start <= done <= window_end:
