@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from typing import Any
 
+import grpc
 import numpy as np
 from PIL import Image
 
 from visionrpc.protos import inference_pb2 as pb
+from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server.model_config import InputSpec
 from visionrpc.server.preprocess import Geometry, load_image, prepare
 
@@ -39,3 +43,19 @@ def encoded_request(model: str, *images: bytes, **fields: object) -> pb.PredictR
         images=[pb.Image(encoded=data) for data in images],
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def fill_queue(
+    stub: pb_grpc.InferenceServiceAsyncStub, request: pb.PredictRequest
+) -> list[Any]:
+    """Calls (without retries) until one is refused while two are pending, one running and
+    one queued: a slow model with a queue of one is then full. Returns the pending calls."""
+    fillers = []
+    while True:
+        filler = stub.Predict(request, timeout=60)
+        fillers.append(filler)
+        await asyncio.sleep(0.05)
+        pending = [call for call in fillers if not call.done()]
+        if len(pending) >= 2 and filler.done():
+            assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return fillers

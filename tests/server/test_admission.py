@@ -15,7 +15,7 @@ from PIL import Image
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.server import running_server, settings_for_tests
 from tests.observability.slow_model import write_slow_model
-from tests.server.support import encoded_request, png, solid
+from tests.server.support import encoded_request, fill_queue, png, solid
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
@@ -71,16 +71,7 @@ async def test_a_full_queue_refuses_a_large_image_before_decoding_it_with_a_retr
     ):
         stub = pb_grpc.InferenceServiceStub(channel)
         registry = server.metrics.registry
-        fillers = []
-        # Refused while two are pending (one running, one queued): the queue is full.
-        while True:
-            filler = stub.Predict(encoded_request("slow", RED), timeout=60)
-            fillers.append(filler)
-            await asyncio.sleep(0.05)
-            pending = [call for call in fillers if not call.done()]
-            if len(pending) >= 2 and filler.done():
-                assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                break
+        fillers = await fill_queue(stub, encoded_request("slow", RED))
         decoded = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
         call = stub.Predict(encoded_request("slow", large), timeout=60)
         assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -20,7 +20,7 @@ import pytest
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.serve_log import ServeProcess, serve_process
 from tests.observability.slow_model import write_slow_model
-from tests.server.support import encoded_request, png, solid
+from tests.server.support import encoded_request, fill_queue, png, solid
 from visionrpc.client import AsyncClient, VisionRPCError
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 
@@ -180,17 +180,8 @@ async def test_a_call_refused_for_a_full_queue_is_retried_until_it_succeeds(
         ):
             await client.models()  # connected before the queue fills
             stub = pb_grpc.InferenceServiceStub(channel)
-            fillers = []
-            # Calls without retries until one is refused while two are pending (one
-            # running, one queued): the queue is full for the rest of that run.
-            while True:
-                filler = stub.Predict(encoded_request("model", RED), timeout=60)
-                fillers.append(filler)
-                await asyncio.sleep(0.05)
-                pending = [call for call in fillers if not call.done()]
-                if len(pending) >= 2 and filler.done():
-                    assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    break
+            # The queue stays full for the rest of that run.
+            fillers = await fill_queue(stub, encoded_request("model", RED))
             await client.predict("model", RED, metadata=(("x-request-id", "late"),))
             for filler in fillers:
                 await filler.code()
