@@ -50,9 +50,10 @@ class UsageError(Exception):
 def image_files(paths: list[str], suffixes: frozenset[str]) -> tuple[list[Path], list[Path]]:
     """The given files, plus files with ``suffixes`` under the given folders, sorted.
 
-    Files named on the command line are kept whatever their suffix (the server says
-    what is wrong with them); files found in folders with other suffixes are returned
-    second, as skipped.
+    Paths named on the command line that are not folders are kept whatever their suffix,
+    and even when missing: each then fails alone, named (the client or the server says
+    what is wrong with it), and its neighbours are still predicted. Files found in
+    folders with other suffixes are returned second, as skipped.
     """
     files: list[Path] = []
     skipped: list[Path] = []
@@ -61,10 +62,8 @@ def image_files(paths: list[str], suffixes: frozenset[str]) -> tuple[list[Path],
         if path.is_dir():
             for found in sorted(p for p in path.rglob("*") if p.is_file()):
                 (files if found.suffix.lower() in suffixes else skipped).append(found)
-        elif path.is_file():
-            files.append(path)
         else:
-            raise UsageError(f"no such file or folder: {name}")
+            files.append(path)
     return files, skipped
 
 

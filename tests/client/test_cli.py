@@ -171,11 +171,26 @@ def test_a_broken_image_exits_1_and_reports_it(
     ]
 
 
+def test_a_missing_file_fails_alone_and_its_neighbours_are_printed(
+    server: RunningServer, folder: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.png"
+    done = visionrpc(
+        "predict", "colors", str(folder / "0_red.png"), str(missing), server=server.address
+    )
+    assert done.returncode == 1
+    assert "red" in done.stdout.splitlines()[1]
+    assert f"ERROR INVALID_ARGUMENT: image 1 ({missing})" in done.stdout.splitlines()[2]
+    stderr = done.stderr.splitlines()
+    assert len(stderr) == 2
+    assert stderr[0].startswith(f"visionrpc predict: INVALID_ARGUMENT: image 1 ({missing}): ")
+    assert stderr[1] == "visionrpc predict: 1 of 2 images failed"
+
+
 @pytest.mark.parametrize(
     ("args", "code", "reason"),
     [
         (["predict", "nope", "{image}"], 3, "NOT_FOUND"),
-        (["predict", "colors", "/no/such/file.png"], 2, "no such file or folder"),
         (["predict", "channels", "{image}", "--threshold", "2"], 2, "INVALID_ARGUMENT"),
         (["predict", "colors", "{empty}"], 2, "no image files found"),
         (["info", "nope"], 3, "NOT_FOUND"),
