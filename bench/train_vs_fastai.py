@@ -7,14 +7,34 @@ The first run makes a venv for fastai (``--venv``, default ``.cache/fastai-venv`
 ``.pth`` file puts this interpreter's packages (torch 2.14.1 among them) behind its own,
 and pip installs fastai==2.8.12 there; visionrpc's venv never sees fastai.
 
-Both train on the same synthetic datasets (training.synthetic) with the same split, the
-same resnet18 random-init weights (one saved state dict per seed, loaded into both
-bodies), the same sizes (presize 1.5x, then the batch augmentation), batch size,
-``fine_tune`` schedule (one frozen epoch, then ``--epochs``) and learning rate; fastai
-normalises with ImageNet's statistics (``Normalize.from_stats``), as visionrpc does, and
-BIWI uses ``min_scale=1`` on both sides. img/s counts training steps only (no validation).
-Metrics: pets error_rate, voc accuracy_multi at threshold 0.5, biwi mean point error in
-original pixels (lower is better except accuracy_multi).
+What both sides get: the same synthetic datasets (training.synthetic) and split (visionrpc's
+split handed to fastai item by item); the same resnet18 random-init body (one saved state
+dict per seed, loaded into both); the same head (fastai's create_head: concat pool,
+BatchNorm, dropout 0.25, 512 units, BatchNorm, dropout 0.5, linear; BIWI: sigmoid_range
+(-1, 1) on points scaled to -1..1, MSE); ImageNet normalisation (fastai's
+``Normalize.from_stats``); the same batch size, ``fine_tune`` schedule (one frozen epoch,
+then ``--epochs``) and learning rate, with Adam, weight decay 0.01 off BatchNorm and biases.
+Each side is seeded with the seed (fastai through ``set_seed(seed, reproducible=True)``),
+so a run repeats.
+
+Where they differ, each side keeps what its own user gets by default:
+- pets, voc: fastai ``Resize`` to the presize (1.5x; a crop at a random position in
+  training, centred in validation) on the CPU, then ``aug_transforms(size=,
+  min_scale=0.75)``; visionrpc presizes to 1.5x at a random position, then its batch
+  augmentation with the same defaults (flip, rotate 10, zoom 1.1, warp 0.2, lighting 0.2,
+  crop scale 0.75). Validation: fastai the centre-cropped presize resampled to the size;
+  visionrpc the server's preprocessing.
+- biwi: fastai as the book, no presize: the 640x480 frame goes to ``aug_transforms(size=)``
+  (flip, rotate 10, zoom 1.1, warp 0.2, lighting 0.2), which squishes the whole frame to
+  the size in its one ``grid_sample``, and validation is the same squish without the
+  augmentation. visionrpc presizes to 1.5x, then its points defaults, the same list on the
+  whole frame; validation is the server's preprocessing.
+
+img/s counts training steps with their data loading (no validation). Metrics: pets
+error_rate, voc accuracy_multi at threshold 0.5, biwi mean point error in original pixels
+(lower is better except accuracy_multi); for biwi the bench also prints the error of always
+answering the training frames' mean head centre, the floor a model must beat to have learnt
+anything.
 """
 
 from __future__ import annotations
@@ -56,7 +76,8 @@ from fastai.vision.all import *
 
 job = json.loads(open(sys.argv[1]).read())
 torch.set_num_threads(job["threads"])
-torch.manual_seed(job["seed"])
+# Python, numpy and torch: fastai shuffles with Python's random, so torch alone is not enough.
+set_seed(job["seed"], reproducible=True)
 kind, size, presize = job["kind"], tuple(job["size"]), tuple(job["presize"])
 rows = job["items"]
 if kind == "pets":
@@ -221,6 +242,16 @@ def run_fastai(
     return values
 
 
+def constant_point_error(dataset: Dataset) -> float:
+    """Mean point error, in original pixels, of always answering the training frames' mean.
+
+    The floor a points model must beat to have learnt anything from the pictures.
+    """
+    train = torch.tensor([item.target for item in dataset.train], dtype=torch.float64)
+    valid = torch.tensor([item.target for item in dataset.valid], dtype=torch.float64)
+    return float((valid - train.mean(dim=0)).norm(dim=-1).mean())
+
+
 def size_of(kind: str, side: int) -> tuple[int, int]:
     return (side * 3 // 4, side) if kind == "biwi" else (side, side)
 
@@ -244,6 +275,7 @@ def main() -> None:
     args = parser.parse_args()
     python = fastai_python(args.venv.resolve())
     results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
+    constant: float | None = None
     with tempfile.TemporaryDirectory(prefix="visionrpc-vs-fastai-") as work:
         scratch = Path(work)
         for kind in args.tasks:
@@ -255,6 +287,8 @@ def main() -> None:
                 ours, dataset = run_visionrpc(kind, data, weights, seed, args)
                 theirs = run_fastai(python, kind, dataset, weights, seed, args, scratch)
                 results[(kind, seed)] = {"visionrpc": ours, "fastai": theirs}
+                if kind == "biwi":
+                    constant = constant_point_error(dataset)
                 print(f"{kind} seed {seed}: visionrpc {ours}, fastai {theirs}", flush=True)
     print(
         f"\n{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -288,6 +322,11 @@ def main() -> None:
             f"{kind:<6}{'mean':<16}{'':>6}{ours['metric']:>11.4f}{theirs['metric']:>9.4f}"
             f"{ours['img_s']:>12.1f}{theirs['img_s']:>14.1f}{ratio:>12.2f}x   "
             f"metric {'at least as good as' if better else 'WORSE than'} fastai's"
+        )
+    if constant is not None:
+        print(
+            f"biwi: always answering the training frames' mean head centre scores "
+            f"{constant:.4f} px; a model above that has learnt nothing from the pictures"
         )
 
 
