@@ -101,16 +101,20 @@ def test_warps_move_the_corners_by_at_most_the_magnitude() -> None:
     torch.testing.assert_close(still, torch.eye(3).expand(10, 3, 3))
 
 
-def test_point_defaults_keep_the_whole_frame_while_classifiers_crop_and_warp() -> None:
+def test_point_defaults_zoom_and_warp_the_whole_frame_while_classifiers_also_crop() -> None:
     points = augment_for_task("points", (48, 64))
-    assert (points.min_scale, points.max_zoom, points.max_warp) == (1.0, 1.0, 0.0)
-    theta = random_affines(200, (48, 64), points, torch.Generator().manual_seed(0))
-    # The crop is the whole frame: the affine's area (its determinant) is 1 for every image.
-    torch.testing.assert_close(torch.linalg.det(theta[:, :, :2]).abs(), torch.ones(200))
+    assert (points.min_scale, points.max_zoom, points.max_warp) == (1.0, 1.1, 0.2)
+    theta = random_affines(400, (48, 64), points, torch.Generator().manual_seed(0))
+    # The crop is the whole frame, shrunk only by the zoom: area 1 unzoomed, down to 1/1.1^2.
+    area = torch.linalg.det(theta[:, :, :2]).abs()
+    assert area.min() >= 1 / 1.1**2 - 1e-5 and area.max() <= 1 + 1e-5
+    assert 0.15 < float((area > 1 - 1e-5).float().mean()) < 0.35  # a quarter not zoomed
+    warps = random_warps(400, points, torch.Generator().manual_seed(0))
+    assert 0.65 < float((warps[:, 2, :2].abs().sum(dim=1) > 1e-4).float().mean()) < 0.85
     pets = augment_for_task("classification", (64, 64))
-    assert pets.min_scale == 0.75 and pets.max_warp > 0 and pets.max_zoom > 1
-    chosen = augment_for_task("points", (48, 64), min_scale=0.5, max_rotate=None)
-    assert chosen.min_scale == 0.5 and chosen.max_rotate == points.max_rotate
+    assert pets.min_scale == 0.75 and (pets.max_warp, pets.max_zoom) == (0.2, 1.1)
+    chosen = augment_for_task("points", (48, 64), max_zoom=1.0, max_warp=0.0, max_rotate=None)
+    assert (chosen.max_zoom, chosen.max_warp, chosen.max_rotate) == (1.0, 0.0, points.max_rotate)
 
 
 def test_without_augmentation_the_batch_is_only_resized() -> None:

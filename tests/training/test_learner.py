@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from visionrpc.training.augment import AugmentConfig, augment_batch
+from visionrpc.training.augment import AugmentConfig, augment_batch, augment_for_task
 from visionrpc.training.data import DataLoaders, make_loaders
 from visionrpc.training.datasets import read_dataset
 from visionrpc.training.learner import (
@@ -34,11 +34,15 @@ def loaders_for(kind: str, root: Path, size: tuple[int, int], **options: int) ->
     return make_loaders(read_dataset(kind, root), size=size, bs=16)
 
 
-def learner_for(loaders: DataLoaders, options: LearnerOptions | None = None) -> Learner:
+def learner_for(
+    loaders: DataLoaders,
+    options: LearnerOptions | None = None,
+    augmentation: AugmentConfig | None = None,
+) -> Learner:
     torch.manual_seed(0)
     task = get_task(loaders.task)
     model = create_model("tiny", task.n_outputs(len(loaders.vocab)), None)
-    config = AugmentConfig(size=(loaders.spec.height, loaders.spec.width))
+    config = augmentation or AugmentConfig(size=(loaders.spec.height, loaders.spec.width))
     generator = torch.Generator().manual_seed(0)
 
     def augment(
@@ -182,9 +186,14 @@ def test_mixup_is_refused_for_points(tmp_path: Path) -> None:
         learner_for(loaders, LearnerOptions(mixup=0.4))
 
 
-def test_point_model_error_falls_well_below_predicting_the_mean_point(tmp_path: Path) -> None:
+@pytest.mark.parametrize("augmentation", ["crop-rotate-flip", "points-defaults"])
+def test_point_model_error_falls_well_below_predicting_the_mean_point(
+    tmp_path: Path, augmentation: str
+) -> None:
     loaders = loaders_for("biwi", tmp_path, (48, 64), people=4, frames_per_person=30)
-    learner = learner_for(loaders)
+    # The points defaults add fastai's zoom and warp: the targets must follow both.
+    config = augment_for_task("points", (48, 64)) if augmentation == "points-defaults" else None
+    learner = learner_for(loaders, augmentation=config)
     learner.fit_one_cycle(12, 1e-2)
     task = get_task("points")
     predictions = learner.predict(loaders.valid)
