@@ -184,13 +184,12 @@ def request_of(model: str, image: bytes) -> pb.PredictRequest:
     return pb.PredictRequest(model=model, images=[pb.Image(encoded=image)])
 
 
-def overload_phases(seconds: float, work: Path) -> list[str]:
+def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     repository = work / "resnet"
     export_resnet18(repository)
     port, metrics_port = free_port(), free_port()
-    server = start_server(
-        repository, port, metrics_port, work / "resnet.log", ["--max-queue-size", str(QUEUE_SIZE)]
-    )
+    flags = ["--max-queue-size", str(QUEUE_SIZE), *extra]
+    server = start_server(repository, port, metrics_port, work / "resnet.log", flags)
     address = f"127.0.0.1:{port}"
     small = request_of(MODEL, photo_jpeg(224, 224))
     large = request_of(MODEL, photo_jpeg(6000, 4000))
@@ -239,12 +238,12 @@ def overload_phases(seconds: float, work: Path) -> list[str]:
     return lines
 
 
-def memory_phase(seconds: float, work: Path) -> list[str]:
+def memory_phase(seconds: float, work: Path, extra: list[str]) -> list[str]:
     repository = work / "tiny"
     for name in ("pets", "voc", "biwi"):
         tiny_classifier(repository, name, 64)
     port, metrics_port = free_port(), free_port()
-    server = start_server(repository, port, metrics_port, work / "tiny.log", [])
+    server = start_server(repository, port, metrics_port, work / "tiny.log", extra)
     largest = photo_jpeg(LARGEST_SIDE, LARGEST_SIDE)
     try:
         loaded = memory_of(server.pid)["VmRSS"]
@@ -293,17 +292,22 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=("overload", "memory"), help="run one part (default both)"
     )
+    parser.add_argument(
+        "--server-flag", action="append", default=[], help="extra serve flag (repeatable)"
+    )
     args = parser.parse_args()
     seconds = 5.0 if args.quick else args.seconds
     print(f"CPU: {cpu_name()}")
+    if args.server_flag:
+        print(f"server flags: {' '.join(args.server_flag)}")
     started = time.monotonic()
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         if args.only != "memory":
-            lines += [*overload_phases(seconds, work), ""]
+            lines += [*overload_phases(seconds, work, args.server_flag), ""]
         if args.only != "overload":
-            lines += memory_phase(seconds, work)
+            lines += memory_phase(seconds, work, args.server_flag)
     print("\n".join(lines))
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0

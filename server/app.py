@@ -39,7 +39,7 @@ from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .auth import BearerTokenInterceptor
-from .cpus import plan_threads, usable_cpus
+from .cpus import lower_this_thread, plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
 from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
@@ -119,7 +119,10 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         preprocess_workers=settings.preprocess_workers,
     )
     decode_executor = ThreadPoolExecutor(
-        max_workers=threads.preprocess_workers, thread_name_prefix="decode"
+        max_workers=threads.preprocess_workers,
+        thread_name_prefix="decode",
+        initializer=lower_this_thread,
+        initargs=(settings.worker_niceness,),
     )
     pipeline = Pipeline(
         repository,
@@ -184,6 +187,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.intra_op_spinning == "on",
+        worker_niceness=settings.worker_niceness,
     )
 
     async def serving_changed(model: str, serving: bool) -> None:

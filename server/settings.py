@@ -60,6 +60,9 @@ class ServerSettings:
     # "on" lets idle onnxruntime threads busy-wait for work (lower latency on a CPU
     # nothing else needs); "off" frees their cores for decoding.
     intra_op_spinning: str = "off"
+    # How many nice steps below the event loop decoding and the model's threads run, so
+    # that accepting, refusing and answering calls never waits behind them (0 = equal).
+    worker_niceness: int = 10
     # "auto" is CUDA then CPU among those available, or an explicit list of providers.
     providers: tuple[str, ...] = ("auto",)
     max_image_bytes: int = 32 * 1024 * 1024
@@ -143,6 +146,7 @@ class ServerSettings:
             "intra_op_threads",
             "inter_op_threads",
             "preprocess_workers",
+            "worker_niceness",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
+from tests.helpers.serve_process import serving
 from tests.helpers.server import free_port
+from tests.server.support import png, solid
 from tests.server.test_serve_command import wait_until_serving
+from visionrpc.client import Client
 from visionrpc.server.cpus import cgroup_cpu_quota, plan_threads, usable_cpus
 from visionrpc.server.settings import ServerSettings, SettingsError
 
@@ -140,3 +144,37 @@ def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> 
     assert plan == [
         "1 usable CPUs: 1 onnxruntime intra-op threads (spinning off), 1 decode threads"
     ]
+
+
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Every thread of a process and its nice value (field 19 of /proc/PID/task/TID/stat)."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.parametrize(("intra_op_threads", "niceness"), [(3, 7), (3, 0)])
+def test_decoding_and_the_model_run_below_the_event_loop(
+    tmp_path: Path, intra_op_threads: int, niceness: int
+) -> None:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    flags = ["--intra-op-threads", str(intra_op_threads), "--worker-niceness", str(niceness)]
+    with serving(root, tmp_path, *flags, ready_model="colors") as server:
+        with Client(server.address) as client:
+            # Decoding and a model run start the threads that pools make on first use.
+            client.predict("colors", [png(solid(250, 0, 0))] * 4)
+        values = thread_nice_values(server.process.pid)
+    base = values[server.process.pid]  # the main thread runs the event loop
+    lowered = [tid for tid, value in values.items() if value == base + niceness]
+    if niceness == 0:
+        assert set(values.values()) == {base}
+        return
+    # One decode thread (two usable CPUs, or one), the model's run thread and the
+    # intra-op pool's other threads, which onnxruntime starts as the session is made.
+    decode_threads = plan_threads(usable_cpus()).preprocess_workers
+    assert len(lowered) == decode_threads + 1 + (intra_op_threads - 1), values
+    assert server.process.pid not in lowered

@@ -119,6 +119,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "intra_op_threads": 5,
     "inter_op_threads": 6,
     "intra_op_spinning": "on",
+    "worker_niceness": 3,
     "providers": "CPUExecutionProvider,X",
     "max_image_bytes": 7,
     "max_image_pixels": 8,
