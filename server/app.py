@@ -38,6 +38,7 @@ from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
+from .admission import EarlyRefusalInterceptor
 from .auth import BearerTokenInterceptor
 from .cpus import lower_this_thread, plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
@@ -169,6 +170,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
                 control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
             ),
         ]
+    # Last, so that only a call that passed the token checks is refused for load.
+    interceptors.append(
+        EarlyRefusalInterceptor(
+            pipeline,
+            (f"/{INFERENCE_SERVICE}/Predict", f"/{OPEN_INFERENCE_SERVICE}/ModelInfer"),
+        )
+    )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -205,6 +205,25 @@ class Batcher:
         self._reserved += count
         return Reservation(self, count)
 
+    def full(self) -> bool:
+        """Whether not even a one-row request would fit now."""
+        limit = self.settings.max_queue_size
+        if self._taken() >= limit:
+            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
+            self._queue_changed()
+        return self._taken() >= limit
+
+    @property
+    def next_turn(self) -> float:
+        """The time the last refused caller was told to come back (time.monotonic())."""
+        return self._next_turn
+
+    def refuse_unread(self) -> float:
+        """Counts the refusal of a request not read yet (so one row at least) and gives
+        it a turn: the retry hint, in seconds."""
+        self._observer.queue_rejected()
+        return self._retry_hint(1)
+
     def submit(
         self, rows: Sequence[np.ndarray], deadline: float | None = None
     ) -> list[asyncio.Future[np.ndarray]]:
