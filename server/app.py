@@ -11,10 +11,11 @@ turns health SERVING, and with ``--model-control poll`` keeps rescanning the rep
 (``ModelControlService`` is added only with ``--model-control-api on``). Listening first
 lets orchestrators see a live process that is not ready yet (instead of a refused
 connection) while models load, and scrape it meanwhile.
-On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
-health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
-calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
-the gRPC server stop, and the batchers close.
+On a signal: the drain (``drain.py``) serves every call received before it (and those
+gRPC still held, within a short accept window) to its real answer and refuses later ones
+with UNAVAILABLE at once, health turns NOT_SERVING and health watches end once told so,
+idle PredictStreams end; the calls get up to ``shutdown_grace_seconds`` to finish; only
+then does the gRPC server stop, and the batchers close.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class RunningApp:
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuse new calls, let the ones in handlers finish within the grace, then stop.
+        """Refuse new calls, let the ones received finish within the grace, then stop.
 
         ``server.stop`` comes last because it cancels the calls gRPC holds but has not
         handed to a handler yet; by then the drain has answered every one of ours.
