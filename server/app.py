@@ -124,7 +124,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         max_workers=threads.preprocess_workers,
         thread_name_prefix="decode",
         initializer=lower_this_thread,
-        initargs=(settings.worker_niceness,),
+        initargs=(settings.decode_niceness,),
     )
     pipeline = Pipeline(
         repository,
@@ -196,7 +196,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.intra_op_spinning == "on",
-        worker_niceness=settings.worker_niceness,
+        model_niceness=settings.model_niceness,
     )
 
     async def serving_changed(model: str, serving: bool) -> None:

@@ -36,11 +36,10 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("auto",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    # Idle intra-op threads busy-wait for the next parallel region by default; on a CPU
-    # shared with decoding and the event loop that spinning takes their cores.
+    # Idle intra-op threads busy-wait for the next parallel region (onnxruntime's default).
     allow_spinning: bool = True
     # How far below the event loop the model's threads run (cpus.lower_this_thread).
-    worker_niceness: int = 0
+    model_niceness: int = 0
 
 
 class _ProviderProbe:
@@ -91,7 +90,7 @@ class ModelRuntime:
         try:
             # Created in a lowered thread, so onnxruntime's pool threads inherit its nice.
             self._session = in_lowered_thread(
-                options.worker_niceness,
+                options.model_niceness,
                 lambda: ort.InferenceSession(
                     str(path), sess_options=session_options, providers=providers
                 ),
