@@ -162,6 +162,8 @@ class Drain:
         (callers that ignore the retry hint may never allow that: ``QUIET_WAIT_LIMIT``
         seconds after the last call served it is enough); False if ``timeout`` seconds
         passed first."""
+        if timeout <= 0:  # no time to wait for anything (a start that failed)
+            return not self.in_flight
         deadline = time.monotonic() + timeout
         try:
             await asyncio.wait_for(self.window_closed(), timeout)

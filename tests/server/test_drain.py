@@ -107,3 +107,16 @@ async def test_refusals_that_keep_coming_hold_the_stop_only_briefly() -> None:
     assert await drain.wait_idle(60)
     stop.set()
     await hammering
+
+
+async def test_a_stop_without_grace_is_idle_only_when_no_call_is_in_flight() -> None:
+    # A start that failed stops with no grace: nothing to wait for, nothing to warn of.
+    drain = Drain()
+    drain.begin()
+    assert await drain.wait_idle(0)
+    done = asyncio.Event()
+    receiving = asyncio.create_task(arrive(drain, done))
+    await asyncio.sleep(0.05)
+    assert not await drain.wait_idle(0)
+    done.set()
+    await receiving
