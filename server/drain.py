@@ -129,7 +129,7 @@ class Drain:
         served = self.window_open
         if self.draining:
             self._arrival_tick = self.ticks
-            self.accepted_in_window += served
+            self.accepted_in_window += 1 if served else 0
         self.last_arrival = time.monotonic()
         self.in_flight += 1
         if served:
@@ -167,8 +167,11 @@ class Drain:
         deadline = time.monotonic() + timeout
         try:
             await asyncio.wait_for(self.window_closed(), timeout)
-            # No call is served once the window has closed: this stays set.
-            await asyncio.wait_for(self._served_all.wait(), max(0.0, deadline - time.monotonic()))
+            # No call is served once the window has closed: once set, this stays set.
+            if not self._served_all.is_set():
+                await asyncio.wait_for(
+                    self._served_all.wait(), max(0.0, deadline - time.monotonic())
+                )
         except TimeoutError:
             return False
         give_up_at = time.monotonic() + QUIET_WAIT_LIMIT
