@@ -74,6 +74,8 @@ class Tally:
 
     started: float = field(default_factory=time.monotonic)
     answered: list[float] = field(default_factory=list)
+    # Answers to calls made after the first RAMP_SECONDS.
+    answered_steady: list[float] = field(default_factory=list)
     refused: dict[str, list[float]] = field(default_factory=dict)
     # Refusals after the first RAMP_SECONDS, when every caller has made its first call.
     refused_steady: dict[str, list[float]] = field(default_factory=dict)
@@ -118,7 +120,10 @@ async def caller(
                 tally.other[error.code().name] = tally.other.get(error.code().name, 0) + 1
             continue
         if count_goodput:
-            tally.answered.append(time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            tally.answered.append(seconds)
+            if time.monotonic() - seconds - tally.started > RAMP_SECONDS:
+                tally.answered_steady.append(seconds)
             tally.answered_images += 1
 
 
@@ -184,13 +189,12 @@ def request_of(model: str, image: bytes) -> pb.PredictRequest:
     return pb.PredictRequest(model=model, images=[pb.Image(encoded=image)])
 
 
-def overload_phases(seconds: float, work: Path) -> list[str]:
+def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     repository = work / "resnet"
     export_resnet18(repository)
     port, metrics_port = free_port(), free_port()
-    server = start_server(
-        repository, port, metrics_port, work / "resnet.log", ["--max-queue-size", str(QUEUE_SIZE)]
-    )
+    flags = ["--max-queue-size", str(QUEUE_SIZE), *extra]
+    server = start_server(repository, port, metrics_port, work / "resnet.log", flags)
     address = f"127.0.0.1:{port}"
     small = request_of(MODEL, photo_jpeg(224, 224))
     large = request_of(MODEL, photo_jpeg(6000, 4000))
@@ -206,17 +210,21 @@ def overload_phases(seconds: float, work: Path) -> list[str]:
     over_goodput = over.answered_images / seconds
     base_p99 = percentile(base.answered, 0.99)
     over_p99 = percentile(over.answered, 0.99)
+    base_steady_p99 = percentile(base.answered_steady, 0.99)
+    over_steady_p99 = percentile(over.answered_steady, 0.99)
     ms = 1000.0
     lines = [
         f"ResNet-18 224x224, --max-queue-size {QUEUE_SIZE}, {seconds:g} s per phase",
         "",
-        "| phase | goodput img/s | admitted p50 ms | admitted p99 ms | refused calls |",
-        "|---|---|---|---|---|",
+        "| phase | goodput img/s | admitted p50 ms | admitted p99 ms "
+        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls |",
+        "|---|---|---|---|---|---|",
         f"| C=8 | {base_goodput:.1f} | {percentile(base.answered, 0.5) * ms:.0f} | "
-        f"{base_p99 * ms:.0f} | {sum(len(v) for v in base.refused.values())} |",
+        f"{base_p99 * ms:.0f} | {base_steady_p99 * ms:.0f} "
+        f"| {sum(len(v) for v in base.refused.values())} |",
         f"| C=256 (+{LARGE_CALLERS} large) | {over_goodput:.1f} | "
         f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
-        f"{sum(len(v) for v in over.refused.values())} |",
+        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} |",
         "",
         f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
         "| target p99 |",
@@ -232,19 +240,20 @@ def overload_phases(seconds: float, work: Path) -> list[str]:
     lines += [
         "",
         f"goodput C=256 / C=8: {over_goodput / base_goodput:.2f} (target >= 0.9)",
-        f"admitted p99 C=256 / C=8: {over_p99 / base_p99:.2f} (target <= 2)",
+        f"admitted p99 C=256 / C=8: {over_p99 / base_p99:.2f} (target <= 2); "
+        f"after the first {RAMP_SECONDS:g} s: {over_steady_p99 / base_steady_p99:.2f}",
     ]
     if base.other or over.other:
         lines.append(f"other outcomes: C=8 {base.other}, C=256 {over.other}")
     return lines
 
 
-def memory_phase(seconds: float, work: Path) -> list[str]:
+def memory_phase(seconds: float, work: Path, extra: list[str]) -> list[str]:
     repository = work / "tiny"
     for name in ("pets", "voc", "biwi"):
         tiny_classifier(repository, name, 64)
     port, metrics_port = free_port(), free_port()
-    server = start_server(repository, port, metrics_port, work / "tiny.log", [])
+    server = start_server(repository, port, metrics_port, work / "tiny.log", extra)
     largest = photo_jpeg(LARGEST_SIDE, LARGEST_SIDE)
     try:
         loaded = memory_of(server.pid)["VmRSS"]
@@ -293,17 +302,22 @@ def main() -> int:
     parser.add_argument(
         "--only", choices=("overload", "memory"), help="run one part (default both)"
     )
+    parser.add_argument(
+        "--server-flag", action="append", default=[], help="extra serve flag (repeatable)"
+    )
     args = parser.parse_args()
     seconds = 5.0 if args.quick else args.seconds
     print(f"CPU: {cpu_name()}")
+    if args.server_flag:
+        print(f"server flags: {' '.join(args.server_flag)}")
     started = time.monotonic()
     lines: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         if args.only != "memory":
-            lines += [*overload_phases(seconds, work), ""]
+            lines += [*overload_phases(seconds, work, args.server_flag), ""]
         if args.only != "overload":
-            lines += memory_phase(seconds, work)
+            lines += memory_phase(seconds, work, args.server_flag)
     print("\n".join(lines))
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0

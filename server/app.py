@@ -11,10 +11,11 @@ turns health SERVING, and with ``--model-control poll`` keeps rescanning the rep
 (``ModelControlService`` is added only with ``--model-control-api on``). Listening first
 lets orchestrators see a live process that is not ready yet (instead of a refused
 connection) while models load, and scrape it meanwhile.
-On a signal: the drain (``drain.py``) refuses every new call with UNAVAILABLE at once,
-health turns NOT_SERVING and health watches end once told so, idle PredictStreams end,
-calls already in a handler get up to ``shutdown_grace_seconds`` to finish; only then does
-the gRPC server stop, and the batchers close.
+On a signal: the drain (``drain.py``) serves every call received before it (and those
+gRPC still held, within a short accept window) to its real answer and refuses later ones
+with UNAVAILABLE at once, health turns NOT_SERVING and health watches end once told so,
+idle PredictStreams end; the calls get up to ``shutdown_grace_seconds`` to finish; only
+then does the gRPC server stop, and the batchers close.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
+from .admission import EarlyRefusalInterceptor
 from .auth import BearerTokenInterceptor
-from .cpus import plan_threads, usable_cpus
+from .cpus import lower_this_thread, plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
 from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
@@ -82,7 +84,7 @@ class RunningApp:
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
-        """Refuse new calls, let the ones in handlers finish within the grace, then stop.
+        """Refuse new calls, let the ones received finish within the grace, then stop.
 
         ``server.stop`` comes last because it cancels the calls gRPC holds but has not
         handed to a handler yet; by then the drain has answered every one of ours.
@@ -119,7 +121,10 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         preprocess_workers=settings.preprocess_workers,
     )
     decode_executor = ThreadPoolExecutor(
-        max_workers=threads.preprocess_workers, thread_name_prefix="decode"
+        max_workers=threads.preprocess_workers,
+        thread_name_prefix="decode",
+        initializer=lower_this_thread,
+        initargs=(settings.decode_niceness,),
     )
     pipeline = Pipeline(
         repository,
@@ -166,6 +171,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
                 control_token, OPEN_INFERENCE_SERVICE, methods=OIP_CONTROL_METHODS
             ),
         ]
+    # Last, so that only a call that passed the token checks is refused for load.
+    interceptors.append(
+        EarlyRefusalInterceptor(
+            pipeline,
+            (f"/{INFERENCE_SERVICE}/Predict", f"/{OPEN_INFERENCE_SERVICE}/ModelInfer"),
+        )
+    )
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -184,6 +196,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         intra_op_threads=threads.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.intra_op_spinning == "on",
+        model_niceness=settings.model_niceness,
     )
 
     async def serving_changed(model: str, serving: bool) -> None:

@@ -31,6 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .cpus import lower_this_thread
 from .errors import DeadlineExceeded, Overloaded, Unavailable, VisionRPCError
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,10 @@ class Batcher:
         name: str,
         observer: BatchObserver | None = None,
         expected_row_seconds: float = 0.0,
+        thread_niceness: int = 0,
     ) -> None:
         """``expected_row_seconds`` (e.g. the warm-up's) seeds the retry hints until
-        batches have run."""
+        batches have run; the model runs in threads lowered by ``thread_niceness``."""
         self.name = name
         self.settings = settings
         self.stats = BatcherStats()
@@ -154,7 +156,10 @@ class Batcher:
         self._busy_instances = 0
         self._running: set[asyncio.Task[None]] = set()
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.instances, thread_name_prefix=f"model-{name}"
+            max_workers=settings.instances,
+            thread_name_prefix=f"model-{name}",
+            initializer=lower_this_thread,
+            initargs=(thread_niceness,),
         )
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -199,6 +204,25 @@ class Batcher:
             )
         self._reserved += count
         return Reservation(self, count)
+
+    def full(self) -> bool:
+        """Whether not even a one-row request would fit now."""
+        limit = self.settings.max_queue_size
+        if self._taken() >= limit:
+            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
+            self._queue_changed()
+        return self._taken() >= limit
+
+    @property
+    def next_turn(self) -> float:
+        """The time the last refused caller was told to come back (time.monotonic())."""
+        return self._next_turn
+
+    def refuse_unread(self) -> float:
+        """Counts the refusal of a request not read yet (so one row at least) and gives
+        it a turn: the retry hint, in seconds."""
+        self._observer.queue_rejected()
+        return self._retry_hint(1)
 
     def submit(
         self, rows: Sequence[np.ndarray], deadline: float | None = None

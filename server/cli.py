@@ -36,7 +36,12 @@ _SETTING_HELP = {
     "intra_op_threads": "onnxruntime intra-op threads, 0 = the CPUs this process may use "
     "(affinity and cgroup quota)",
     "inter_op_threads": "onnxruntime inter-op threads, 0 = its default",
-    "intra_op_spinning": "off (default) or on: idle onnxruntime threads busy-wait for work",
+    "intra_op_spinning": "on (default) or off: idle onnxruntime threads busy-wait for work; "
+    "off is faster when decoding large photos is most of the work",
+    "decode_niceness": "nice steps below the event loop for the decode threads "
+    "(default 5, 0 = equal)",
+    "model_niceness": "nice steps below the event loop for the model's threads, its runs and "
+    "onnxruntime's pool (default 10, 0 = equal)",
     "providers": "auto (CUDA then CPU) or a comma-separated provider list",
     "max_image_bytes": "largest encoded image (default 32 MiB)",
     "max_image_pixels": "largest image in pixels (default 40 million)",

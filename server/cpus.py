@@ -11,10 +11,16 @@ mask and the cgroup CPU quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_SELF_CGROUP = Path("/proc/self/cgroup")
@@ -135,3 +141,45 @@ def plan_threads(
         intra_op_threads=intra_op_threads or cpus,
         preprocess_workers=preprocess_workers or (cpus if on_gpu else max(1, cpus // 2)),
     )
+
+
+def lower_this_thread(niceness: int) -> None:
+    """Raise the calling thread's nice value by ``niceness`` (Linux: nice is per thread).
+
+    The server's heavy threads (decoding, the model runs and onnxruntime's pool) run a
+    few steps below the event loop, so on a busy CPU the loop still answers at once:
+    it accepts calls, refuses the ones that don't fit and hands batches over, all of
+    which the heavy threads wait on. Raising one's nice value needs no privilege;
+    where the OS refuses anyway the thread keeps its priority.
+    """
+    if niceness <= 0:
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
+
+
+def in_lowered_thread(niceness: int, work: Callable[[], T]) -> T:
+    """``work()`` run in a new thread lowered by ``niceness``, its result or exception.
+
+    Threads a library starts inherit their creator's nice value: onnxruntime's intra-op
+    pool, made while its session is created, so comes out lowered too.
+    """
+    if niceness <= 0:
+        return work()
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        lower_this_thread(niceness)
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the caller's thread as is
+            failure.append(exc)
+
+    thread = threading.Thread(target=body, name="lowered-work")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]

@@ -124,6 +124,24 @@ class Pipeline:
         # first decode, so that early refusals do not invite retries within milliseconds.
         self._recent_decode_seconds = INITIAL_DECODE_SECONDS
 
+    def refusal_before_reading(self) -> Overloaded | None:
+        """A refusal for any prediction request, or None while some model has room.
+
+        When no serving model's queue has a free slot, every request (one row at least)
+        would be refused once read, so it can be refused from its headers: a large
+        image is then never received, and the refusal costs the server almost nothing.
+        Of several full models, the one whose line of refused callers is shortest gives
+        the turn.
+        """
+        batchers = [model.batcher for model in self.repository.loaded()]
+        if not batchers or not all(batcher.full() for batcher in batchers):
+            return None
+        shortest_line = min(batchers, key=lambda batcher: batcher.next_turn)
+        return Overloaded(
+            "the server is overloaded: no model has a free queue slot; retry later",
+            retry_after_seconds=shortest_line.refuse_unread(),
+        )
+
     def limit_for(self, model: LoadedModel) -> int:
         return max_images_per_request(model, self.max_images_per_request)
 

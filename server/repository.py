@@ -370,6 +370,7 @@ def load_model(
         name=f"{config.name}:{version}",
         observer=observer,
         expected_row_seconds=runtime.warmup_row_seconds,
+        thread_niceness=runtime_options.model_niceness,
     )
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .cpus import in_lowered_thread
 from .model_config import ModelConfig
 from .tasks import serving_task
 
@@ -35,9 +36,10 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("auto",)
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    # Idle intra-op threads busy-wait for the next parallel region by default; on a CPU
-    # shared with decoding and the event loop that spinning takes their cores.
+    # Idle intra-op threads busy-wait for the next parallel region (onnxruntime's default).
     allow_spinning: bool = True
+    # How far below the event loop the model's threads run (cpus.lower_this_thread).
+    model_niceness: int = 0
 
 
 class _ProviderProbe:
@@ -86,8 +88,12 @@ class ModelRuntime:
         session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         providers = choose_providers(options.providers)
         try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=session_options, providers=providers
+            # Created in a lowered thread, so onnxruntime's pool threads inherit its nice.
+            self._session = in_lowered_thread(
+                options.model_niceness,
+                lambda: ort.InferenceSession(
+                    str(path), sess_options=session_options, providers=providers
+                ),
             )
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc

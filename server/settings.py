@@ -57,9 +57,17 @@ class ServerSettings:
     # use (affinity and cgroup quota, server/cpus.py). inter_op 0 is onnxruntime's choice.
     intra_op_threads: int = 0
     inter_op_threads: int = 0
-    # "on" lets idle onnxruntime threads busy-wait for work (lower latency on a CPU
-    # nothing else needs); "off" frees their cores for decoding.
-    intra_op_spinning: str = "off"
+    # "on" lets idle onnxruntime threads busy-wait between parallel regions, which saves
+    # a thread wake-up each time; with the model's threads below the loop's and the
+    # decoders' priority (model_niceness) that is faster except when decoding is most of
+    # the work (phone photos), where "off" frees the waiting thread's core for decoding.
+    intra_op_spinning: str = "on"
+    # How many nice steps below the event loop the decode threads and the model's
+    # threads (its runs and onnxruntime's pool) run: the loop's short work first, so
+    # accepting, refusing and answering calls never waits behind them; then decoding,
+    # which the model waits on; then the model (0 = the loop's priority).
+    decode_niceness: int = 5
+    model_niceness: int = 10
     # "auto" is CUDA then CPU among those available, or an explicit list of providers.
     providers: tuple[str, ...] = ("auto",)
     max_image_bytes: int = 32 * 1024 * 1024
@@ -143,6 +151,8 @@ class ServerSettings:
             "intra_op_threads",
             "inter_op_threads",
             "preprocess_workers",
+            "decode_niceness",
+            "model_niceness",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")

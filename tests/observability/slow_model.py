@@ -18,8 +18,11 @@ SIZE = 8
 MATRIX = 1024
 
 
-def write_slow_model(repository: Path, name: str = "slow", products: int = 100) -> None:
-    """``products`` matrix products of ``MATRIX`` squared per run set how slow it is."""
+def write_slow_model(
+    repository: Path, name: str = "slow", products: int = 100, max_batch_size: int = 1
+) -> None:
+    """``products`` matrix products of ``MATRIX`` squared per run set how slow it is; a
+    run takes as long for a whole batch as for one image."""
     nodes = [
         helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["pixels", "spatial_axes"], ["means"], keepdims=0),
@@ -54,8 +57,12 @@ def write_slow_model(repository: Path, name: str = "slow", products: int = 100) 
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 9
-    # A warm-up of batch 1 only: one slow run.
+    # With batches of 1, the warm-up is one slow run.
     config = config_dict(
-        name, "multilabel", ("red", "green", "blue"), SIZE, batching={"max_batch_size": 1}
+        name,
+        "multilabel",
+        ("red", "green", "blue"),
+        SIZE,
+        batching={"max_batch_size": max_batch_size},
     )
     write_model(repository, config, model)

@@ -60,7 +60,7 @@ async def test_more_images_than_the_limit_is_invalid_argument_naming_it(tmp_path
         assert [result.tta_views for result in answer.results] == [2, 2]
 
 
-async def test_a_full_queue_refuses_a_large_image_before_decoding_it_with_a_retry_hint(
+async def test_with_every_queue_full_a_large_image_is_refused_unread_with_a_retry_hint(
     tmp_path: Path,
 ) -> None:
     write_slow_model(tmp_path, name="slow", products=20)
@@ -71,21 +71,79 @@ async def test_a_full_queue_refuses_a_large_image_before_decoding_it_with_a_retr
     ):
         stub = pb_grpc.InferenceServiceStub(channel)
         registry = server.metrics.registry
+
+        def received(service: str, method: str) -> float:
+            labels = {"grpc_service": service, "grpc_method": method, "grpc_type": "unary"}
+            return registry.get_sample_value("grpc_server_msg_received_total", labels) or 0.0
+
         fillers = await fill_queue(stub, encoded_request("slow", RED))
         decoded = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
+        before = received("visionrpc.v1.InferenceService", "Predict")
         call = stub.Predict(encoded_request("slow", large), timeout=60)
         assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no model has a free queue slot" in (await call.details() or "")
         trailing = dict(await call.trailing_metadata() or ())
         assert int(trailing["grpc-retry-pushback-ms"]) > 0
         assert "x-request-id" in trailing
         # Nothing went out before the outcome, so gRPC could still retry the call.
         assert not tuple(await call.initial_metadata() or ())
+        # Refused from its headers: the server read no message and decoded nothing.
+        assert received("visionrpc.v1.InferenceService", "Predict") == before
         after = registry.get_sample_value("visionrpc_preprocess_seconds_count", {"model": "slow"})
         assert after == decoded
         rejections = registry.get_sample_value(
             "visionrpc_queue_rejections_total", {"model": "slow", "version": "1"}
         )
         assert rejections is not None and rejections >= 2
+        handled = {
+            "grpc_service": "visionrpc.v1.InferenceService",
+            "grpc_method": "Predict",
+            "grpc_type": "unary",
+            "grpc_code": "RESOURCE_EXHAUSTED",
+        }
+        # The filler's refusal and this one; the server records a call just after its status.
+        for _ in range(100):
+            if (registry.get_sample_value("grpc_server_handled_total", handled) or 0) >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert registry.get_sample_value("grpc_server_handled_total", handled) == 2
+        # The Open Inference Protocol's ModelInfer is refused the same way.
+        v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as v2_refused:
+            await v2_stub.ModelInfer(v2.ModelInferRequest(model_name="slow"), timeout=60)
+        assert v2_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert received("inference.GRPCInferenceService", "ModelInfer") == 0
+        # Other methods still answer.
+        info = await stub.GetModelInfo(pb.GetModelInfoRequest(model="slow"))
+        assert info.name == "slow"
+        for filler in fillers:
+            assert await filler.code() in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # Once the queue has room, the same large call is read and answered.
+        answer = await stub.Predict(encoded_request("slow", large), timeout=60)
+        assert len(answer.results) == 1
+
+
+async def test_a_caller_without_a_token_is_unauthenticated_even_when_queues_are_full(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="slow", products=20)
+    token = (("authorization", "Bearer s3cret"),)
+    async with (
+        running_server(tmp_path, max_queue_size=1, auth_token="s3cret") as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        fillers = []
+        while True:
+            filler = stub.Predict(encoded_request("slow", RED), timeout=60, metadata=token)
+            fillers.append(filler)
+            await asyncio.sleep(0.05)
+            if filler.done():
+                assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                break
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Predict(encoded_request("slow", RED), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         for filler in fillers:
             await filler.code()
 

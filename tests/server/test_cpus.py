@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -11,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
+from tests.helpers.serve_process import serving
 from tests.helpers.server import free_port
+from tests.server.support import png, solid
 from tests.server.test_serve_command import wait_until_serving
+from visionrpc.client import Client
 from visionrpc.server.cpus import cgroup_cpu_quota, plan_threads, usable_cpus
 from visionrpc.server.settings import ServerSettings, SettingsError
 
@@ -91,9 +96,9 @@ def test_thread_defaults_follow_the_cpus_and_explicit_settings_win(tmp_path: Pat
     assert (explicit.intra_op_threads, explicit.preprocess_workers) == (3, 5)
 
 
-def test_spinning_is_off_by_default_and_takes_only_on_or_off() -> None:
-    assert ServerSettings().intra_op_spinning == "off"
-    assert ServerSettings(intra_op_spinning="on").intra_op_spinning == "on"
+def test_spinning_is_on_by_default_and_takes_only_on_or_off() -> None:
+    assert ServerSettings().intra_op_spinning == "on"
+    assert ServerSettings(intra_op_spinning="off").intra_op_spinning == "off"
     with pytest.raises(SettingsError, match="intra_op_spinning"):
         ServerSettings(intra_op_spinning="yes")
 
@@ -137,6 +142,42 @@ def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> 
         output, _ = process.communicate(timeout=30)
     messages = [json.loads(line).get("message", "") for line in output.splitlines() if line]
     plan = [m for m in messages if "usable CPUs" in m]
-    assert plan == [
-        "1 usable CPUs: 1 onnxruntime intra-op threads (spinning off), 1 decode threads"
-    ]
+    assert plan == ["1 usable CPUs: 1 onnxruntime intra-op threads (spinning on), 1 decode threads"]
+
+
+def thread_nice_values(pid: int) -> dict[int, int]:
+    """Every thread of a process and its nice value (field 19 of /proc/PID/task/TID/stat)."""
+    values = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            values[int(task.name)] = int(fields[16])
+    return values
+
+
+@pytest.mark.parametrize(("decode", "model"), [(4, 7), (0, 0)])
+def test_decoding_then_the_model_run_below_the_event_loop(
+    tmp_path: Path, decode: int, model: int
+) -> None:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    intra_op_threads = 3
+    flags = [
+        "--intra-op-threads", str(intra_op_threads),
+        "--decode-niceness", str(decode), "--model-niceness", str(model),
+    ]  # fmt: skip
+    with serving(root, tmp_path, *flags, ready_model="colors") as server:
+        with Client(server.address) as client:
+            # Decoding and a model run start the threads that pools make on first use.
+            client.predict("colors", [png(solid(250, 0, 0))] * 4)
+        values = thread_nice_values(server.process.pid)
+    base = values[server.process.pid]  # the main thread runs the event loop
+    if decode == model == 0:
+        assert set(values.values()) == {base}
+        return
+    by_offset = collections.Counter(value - base for value in values.values())
+    # One decode thread per plan; the model's run thread and the intra-op pool's other
+    # threads, which onnxruntime starts as the session is made, inherit its nice value.
+    assert by_offset[decode] == plan_threads(usable_cpus()).preprocess_workers, values
+    assert by_offset[model] == 1 + (intra_op_threads - 1), values
+    assert set(by_offset) == {0, decode, model}, values

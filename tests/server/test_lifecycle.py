@@ -23,11 +23,15 @@ from tests.observability.slow_model import write_slow_model
 from tests.server.support import encoded_request, fill_queue, png, solid
 from visionrpc.client import AsyncClient, VisionRPCError
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
+from visionrpc.server import drain
 
 RED = png(solid(255, 0, 0))
 CONCURRENCY = 64
 GRACE = ("--shutdown-grace-seconds", "30")
 REQUEST_ID = "x-request-id"
+# Calls made this long before SIGTERM must get their real answer; the gap only covers
+# the time between two clock readings and the signal's delivery, not the server.
+BEFORE_SIGTERM = 0.005
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,17 @@ class Outcome:
     ended: float
     code: str
     request_id: str
+    # The result's summary when OK.
+    answer: str = ""
+
+
+async def call_once(client: AsyncClient, model: str, request_id: str) -> Outcome:
+    started = time.monotonic()
+    try:
+        result = await client.predict(model, RED, metadata=((REQUEST_ID, request_id),))
+    except VisionRPCError as exc:
+        return Outcome(started, time.monotonic(), exc.code.name, request_id)
+    return Outcome(started, time.monotonic(), "OK", request_id, result.summary())
 
 
 async def keep_calling(
@@ -47,14 +62,7 @@ async def keep_calling(
 
     async def caller() -> None:
         while not stop.is_set():
-            started = time.monotonic()
-            request_id = f"call-{next(numbers)}"
-            try:
-                await client.predict(model, RED, metadata=((REQUEST_ID, request_id),))
-                code = "OK"
-            except VisionRPCError as exc:
-                code = exc.code.name
-            outcomes.append(Outcome(started, time.monotonic(), code, request_id))
+            outcomes.append(await call_once(client, model, f"call-{next(numbers)}"))
 
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     return outcomes
@@ -108,10 +116,14 @@ async def test_sigterm_under_load_cancels_no_call_and_answers_every_call_in_flig
     assert "CANCELLED" not in codes, codes
     in_flight = [o for o in outcomes if o.started < sigterm_at < o.ended]
     assert len(in_flight) == CONCURRENCY
-    # Those a handler had begun got their answer; those that reached a handler after
-    # SIGTERM were refused as UNAVAILABLE (retried until no server was left) or, on the
-    # slow model, for load.
+    # Those made before SIGTERM got their answer, or on the slow model were refused for
+    # load and their retries, after SIGTERM, refused as UNAVAILABLE (until no attempt was
+    # left); one made at the signal's time may have been refused as UNAVAILABLE too.
     assert {o.code for o in in_flight} <= {"OK", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    if kind == "fast":
+        made_before = [o for o in in_flight if o.started <= sigterm_at - BEFORE_SIGTERM]
+        assert made_before
+        assert {o.code for o in made_before} == {"OK"}
     assert any(o.code == "OK" and o.ended > sigterm_at for o in in_flight)
     # At the server: every call a handler began ended with its answer, a refusal for
     # load, or (once draining) UNAVAILABLE; the client saw every answer.
@@ -119,6 +131,64 @@ async def test_sigterm_under_load_cancels_no_call_and_answers_every_call_in_flig
     assert set(served) <= {"OK", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}, served
     assert served["OK"] == codes["OK"]
     assert "shutting down" in server.log_text()
+
+
+# A burst this size made just before SIGTERM: calls still on their way to a handler.
+BURST = 48
+LATE = 16
+
+
+@pytest.mark.parametrize("run", [1, 2])
+async def test_every_call_made_before_sigterm_gets_its_real_answer_and_later_ones_unavailable(
+    run: int, tmp_path: Path
+) -> None:
+    # About 0.1 s per run of up to 8 images: calls wait in the queue at SIGTERM, and the
+    # drain, answering them all, takes a few seconds.
+    write_slow_model(tmp_path, name="model", products=5, max_batch_size=8)
+    # A queue that holds every call made, so none is refused for load.
+    with serve_process(tmp_path, *GRACE, "--max-queue-size", "256") as server:
+        server.wait_until_serving()
+        # No retries: every attempt the client makes is one call the server counts.
+        async with AsyncClient(server.address, retries=None) as client:
+            answer = (await call_once(client, "model", "first")).answer
+            stop = asyncio.Event()
+            load = asyncio.create_task(keep_calling(client, "model", stop, CONCURRENCY))
+            await answered_by(server, 8)
+            # A burst of calls still in the transport, or waiting for the event loop, when
+            # the signal lands (SIGTERM comes while they are being sent).
+            burst = [
+                asyncio.create_task(call_once(client, "model", f"burst-{number}"))
+                for number in range(BURST)
+            ]
+            await asyncio.sleep(0)  # they start: each call is made
+            await asyncio.sleep(BEFORE_SIGTERM)
+            sigterm_at = time.monotonic()
+            server.sigterm()
+            stop.set()
+            # Calls made once the server has had time to know it drains.
+            await asyncio.sleep(drain.ACCEPT_WINDOW_LIMIT + 0.2)
+            late_at = time.monotonic()
+            late = await asyncio.gather(
+                *(call_once(client, "model", f"late-{number}") for number in range(LATE))
+            )
+            outcomes = [*await load, *await asyncio.gather(*burst), *late]
+            exit_code = await asyncio.to_thread(server.exit_code)
+    assert exit_code == 0, server.log_text()
+    assert answer.startswith("red "), answer
+    made_before = [o for o in outcomes if o.started <= sigterm_at - BEFORE_SIGTERM]
+    assert len(made_before) >= CONCURRENCY + BURST
+    lost = collections.Counter(o.code for o in made_before if o.code != "OK")
+    assert not lost, lost
+    assert {o.answer for o in made_before} == {answer}
+    assert {o.code for o in late} == {"UNAVAILABLE"}
+    assert all(o.started >= late_at for o in late)
+    # The server counted the same: each call one handler, the same outcome.
+    served = {entry["request_id"]: entry["status"] for entry in server.access_log()}
+    assert len(served) == len(server.access_log())
+    assert served == {o.request_id: o.code for o in outcomes} | {"first": "OK"}
+    assert "still running after" not in server.log_text()
+    # The late calls found the accept window closed.
+    assert "accept window closed" in server.log_text()
 
 
 async def test_a_rolling_restart_on_the_same_port_fails_no_call(fast_model: Path) -> None:
