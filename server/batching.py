@@ -190,12 +190,7 @@ class Batcher:
                 f"model {self.name}: {count} inputs in one request, "
                 f"more than its queue holds ({limit}); send fewer images per request"
             )
-        if self._taken() + count > limit:
-            # Rows whose callers gave up must not hold slots; purging costs a scan, so
-            # it happens only when the queue looks full.
-            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
-            self._queue_changed()
-        if self._taken() + count > limit:
+        if not self._room_for(count):
             self._observer.queue_rejected()
             raise Overloaded(
                 f"model {self.name} is overloaded: {self._taken()} of {limit} "
@@ -207,11 +202,15 @@ class Batcher:
 
     def full(self) -> bool:
         """Whether not even a one-row request would fit now."""
-        limit = self.settings.max_queue_size
-        if self._taken() >= limit:
+        return not self._room_for(1)
+
+    def _room_for(self, count: int) -> bool:
+        if self._taken() + count > self.settings.max_queue_size:
+            # Rows whose callers gave up must not hold slots; purging costs a scan, so
+            # it happens only when the queue looks full.
             self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
             self._queue_changed()
-        return self._taken() >= limit
+        return self._taken() + count <= self.settings.max_queue_size
 
     @property
     def next_turn(self) -> float:
