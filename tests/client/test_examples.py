@@ -13,11 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.client.conftest import solid
-from tests.helpers.onnx_models import (
-    write_centroid_points,
-    write_channel_mean_classifier,
-    write_channel_mean_multilabel,
-)
+from tests.helpers.onnx_models import write_demo_stand_ins
 from tests.helpers.server import RunningServer, free_port, server_in_thread
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -26,11 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("demo")
-    write_channel_mean_classifier(repository, name="pets", labels=("abyssinian", "beagle", "pug"))
-    write_channel_mean_multilabel(
-        repository, name="voc", labels=("person", "dog", "car"), class_thresholds={"dog": 0.2}
-    )
-    write_centroid_points(repository, name="biwi", labels=("head_center",))
+    write_demo_stand_ins(repository)
     with server_in_thread(repository) as running:
         yield running
 

@@ -157,6 +157,16 @@ def write_centroid_points(
     return model_config_from_dict(config)
 
 
+def write_demo_stand_ins(repository: Path) -> None:
+    """Tiny analytic models named and labelled like the three demo models (pets, voc with a
+    per-class threshold, biwi), for the examples that call all three."""
+    write_channel_mean_classifier(repository, name="pets", labels=("abyssinian", "beagle", "pug"))
+    write_channel_mean_multilabel(
+        repository, name="voc", labels=("person", "dog", "car"), class_thresholds={"dog": 0.2}
+    )
+    write_centroid_points(repository, name="biwi", labels=("head_center",))
+
+
 def centroid_points(batch: np.ndarray) -> np.ndarray:
     """Reference of ``write_centroid_points``: float32 ``[N, 2]`` as (x, y)."""
     weights = batch.astype(np.float64).sum(axis=3)

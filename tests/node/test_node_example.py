@@ -15,22 +15,14 @@ import pytest
 from PIL import Image
 
 from tests.helpers.node import run_node
-from tests.helpers.onnx_models import (
-    write_centroid_points,
-    write_channel_mean_classifier,
-    write_channel_mean_multilabel,
-)
+from tests.helpers.onnx_models import write_demo_stand_ins
 from tests.helpers.server import RunningServer, server_in_thread
 
 
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     repository = tmp_path_factory.mktemp("demo")
-    write_channel_mean_classifier(repository, name="pets", labels=("abyssinian", "beagle", "pug"))
-    write_channel_mean_multilabel(
-        repository, name="voc", labels=("person", "dog", "car"), class_thresholds={"dog": 0.2}
-    )
-    write_centroid_points(repository, name="biwi", labels=("head_center",))
+    write_demo_stand_ins(repository)
     with server_in_thread(repository) as running:
         yield running
 
