@@ -43,6 +43,21 @@ def access_log() -> Iterator[tuple[logging.Logger, io.StringIO, logging.Handler]
     logger.removeHandler(handler)
 
 
+@pytest.fixture
+def request_id_log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger writing JSON lines with the request id filter, as the server sets it up."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestIdFilter())
+    logger = logging.getLogger("visionrpc.test.request_id")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
 def log_request(logger: logging.Logger) -> None:
     request_log(
         logger,
@@ -126,15 +141,10 @@ def test_a_text_line_stays_one_line_whatever_its_message_and_fields_hold(
     assert call.endswith('call model="a b\\x1b[2J" version=""')
 
 
-def test_records_logged_inside_a_call_carry_its_request_id() -> None:
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdFilter())
-    logger = logging.getLogger("visionrpc.test.request_id")
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
+def test_records_logged_inside_a_call_carry_its_request_id(
+    request_id_log: tuple[logging.Logger, io.StringIO],
+) -> None:
+    logger, stream = request_id_log
 
     async def call(name: str) -> None:
         request_id.set(name)
@@ -144,11 +154,8 @@ def test_records_logged_inside_a_call_carry_its_request_id() -> None:
     async def both() -> None:
         await asyncio.gather(call("first"), call("second"))
 
-    try:
-        asyncio.run(both())
-        logger.info("outside")
-    finally:
-        logger.removeHandler(handler)
+    asyncio.run(both())
+    logger.info("outside")
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     inside = [(entry["call"], entry["request_id"]) for entry in entries[:2]]
     assert sorted(inside) == [("first", "first"), ("second", "second")]
@@ -187,16 +194,11 @@ def test_configure_logging_refuses_unknown_settings(level: str, fmt: str) -> Non
         configure_logging(level, fmt)  # type: ignore[arg-type]
 
 
-async def test_records_a_handler_and_its_tasks_log_carry_the_calls_request_id() -> None:
+async def test_records_a_handler_and_its_tasks_log_carry_the_calls_request_id(
+    request_id_log: tuple[logging.Logger, io.StringIO],
+) -> None:
     """Through the real interceptor on a real server, with a handler that only logs."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    handler.addFilter(RequestIdFilter())
-    logger = logging.getLogger("visionrpc.test.in_call")
-    logger.addHandler(handler)
-    logger.propagate = False
-    logger.setLevel(logging.INFO)
+    logger, stream = request_id_log
 
     async def work(request: bytes, context: object) -> bytes:
         async def child() -> None:
@@ -221,7 +223,6 @@ async def test_records_a_handler_and_its_tasks_log_carry_the_calls_request_id() 
             )
     finally:
         await server.stop(0)
-        logger.removeHandler(handler)
     entries = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert sorted((entry["request_id"], entry["message"]) for entry in entries) == [
         ("traced-1", "in a task the handler started"),
