@@ -173,6 +173,17 @@ async def test_a_full_queue_refuses_at_once_with_overloaded() -> None:
     await batcher.close()
 
 
+def refusal_hints(batcher: Batcher, count: int) -> list[float]:
+    """The retry hints of ``count`` one-row requests refused one after another."""
+    hints = []
+    for _ in range(count):
+        with pytest.raises(Overloaded) as refused:
+            batcher.reserve(1)
+        assert refused.value.retry_after_seconds is not None
+        hints.append(refused.value.retry_after_seconds)
+    return hints
+
+
 async def test_refused_callers_are_given_turns_one_model_run_apart() -> None:
     # 50 ms a row, 4 rows queued: the first refused caller comes back once they have run
     # and its own row has, each later one a row's time after the one before.
@@ -183,12 +194,7 @@ async def test_refused_callers_are_given_turns_one_model_run_apart() -> None:
         expected_row_seconds=0.05,
     )
     batcher.reserve(4)
-    hints = []
-    for _ in range(30):
-        with pytest.raises(Overloaded) as refused:
-            batcher.reserve(1)
-        assert refused.value.retry_after_seconds is not None
-        hints.append(refused.value.retry_after_seconds)
+    hints = refusal_hints(batcher, 30)
     assert hints[0] == pytest.approx(0.25, rel=0.15)
     assert hints[9] == pytest.approx(0.70, rel=0.15)
     # The line never promises more than MAX_RETRY_AFTER, and does not run away past it.
@@ -202,12 +208,7 @@ async def test_a_long_line_of_refusals_is_capped_and_does_not_run_away() -> None
         GatedModel(open_gate=True), settings(max_queue_size=1), name="t", expected_row_seconds=1
     )
     batcher.reserve(1)
-    hints = []
-    for _ in range(20):
-        with pytest.raises(Overloaded) as refused:
-            batcher.reserve(1)
-        assert refused.value.retry_after_seconds is not None
-        hints.append(refused.value.retry_after_seconds)
+    hints = refusal_hints(batcher, 20)
     assert hints[0] == pytest.approx(2.0, rel=0.15)
     assert all(hint <= MAX_RETRY_AFTER for hint in hints)
     assert hints[-1] >= 0.9 * MAX_RETRY_AFTER
