@@ -48,13 +48,17 @@ class PredictScript:
 
 
 @contextlib.asynccontextmanager
-async def scripted_server(script: PredictScript) -> AsyncIterator[str]:
-    """A gRPC server in the current loop whose Predict follows ``script``; yields its address."""
+async def scripted_server(
+    script: PredictScript | Callable[[pb.PredictRequest, Any], Awaitable[pb.PredictResponse]],
+) -> AsyncIterator[str]:
+    """A gRPC server in the current loop whose Predict follows ``script`` (or is a test's
+    own handler); yields its address."""
+    predict = script.predict if isinstance(script, PredictScript) else script
     handler = grpc.method_handlers_generic_handler(
         "visionrpc.v1.InferenceService",
         {
             "Predict": grpc.unary_unary_rpc_method_handler(
-                script.predict,
+                predict,
                 request_deserializer=pb.PredictRequest.FromString,
                 response_serializer=pb.PredictResponse.SerializeToString,
             )

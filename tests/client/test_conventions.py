@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from tests.client.conftest import random_images, solid, write_test_models
-from tests.client.scripted_server import MetadataRecorder, inference_server
+from tests.client.scripted_server import MetadataRecorder, inference_server, scripted_server
 from tests.client.test_cli import visionrpc
 from tests.helpers.server import RunningServer, free_port, running_server, tls_settings
 from tests.helpers.tls import Certificates, make_certificates
@@ -33,7 +33,6 @@ from visionrpc.client import (
     UnauthenticatedError,
     UnavailableError,
 )
-from visionrpc.client.channel import SERVICE_NAME
 from visionrpc.protos import inference_pb2 as pb
 
 IMAGE = solid((0, 200, 0))
@@ -293,24 +292,7 @@ async def test_an_answer_with_oversized_metadata_is_not_reported_as_overload() -
         await context.abort(grpc.StatusCode.NOT_FOUND, "no model named " + "x" * 20_000)
         raise AssertionError("abort returns only by raising")
 
-    handler = grpc.method_handlers_generic_handler(
-        SERVICE_NAME,
-        {
-            "Predict": grpc.unary_unary_rpc_method_handler(
-                predict,
-                request_deserializer=pb.PredictRequest.FromString,
-                response_serializer=pb.PredictResponse.SerializeToString,
-            )
-        },
-    )
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with AsyncClient(f"127.0.0.1:{port}") as client:
-            with pytest.raises(InvalidInputError, match="metadata too large") as caught:
-                await client.predict("colors", IMAGE)
-    finally:
-        await server.stop(None)
+    async with scripted_server(predict) as address, AsyncClient(address) as client:
+        with pytest.raises(InvalidInputError, match="metadata too large") as caught:
+            await client.predict("colors", IMAGE)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
