@@ -13,7 +13,8 @@ dict per seed, loaded into both); the same head (fastai's create_head: concat po
 BatchNorm, dropout 0.25, 512 units, BatchNorm, dropout 0.5, linear; BIWI: sigmoid_range
 (-1, 1) on points scaled to -1..1, MSE); ImageNet normalisation (fastai's
 ``Normalize.from_stats``); the same batch size, ``fine_tune`` schedule (one frozen epoch,
-then ``--epochs``) and learning rate, with Adam, weight decay 0.01 off BatchNorm and biases.
+then ``--epochs``) and learning rate, with Adam (its state cleared when the body is
+unfrozen, as fastai's ``freeze_to``), weight decay 0.01 off BatchNorm and biases.
 Each side is seeded with the seed (fastai through ``set_seed(seed, reproducible=True)``),
 so a run repeats.
 
@@ -33,8 +34,15 @@ Where they differ, each side keeps what its own user gets by default:
 img/s counts training steps with their data loading (no validation). Metrics: pets
 error_rate, voc accuracy_multi at threshold 0.5, biwi mean point error in original pixels
 (lower is better except accuracy_multi); for biwi the bench also prints the error of always
-answering the training frames' mean head centre, the floor a model must beat to have learnt
-anything.
+answering the training frames' mean head centre.
+
+biwi (4 people of 40 frames, the issue's setting) is a seed lottery on both sides: 35 steps
+from random weights give predictions that follow the heads (correlation about 0.8 with the
+true x and y on both sides) but spread 1.2-1.8x wider than the truth and sit off-centre by
+up to 190 px, so both end near the mean-head answer, and a change of 1e-3 to the biases of
+fastai's two head BatchNorms moves one seed's fastai error from 163 to 231 px. biwi-large
+(160 frames per person, 4x the steps) is an extra line where both sides learn well clear
+of that answer; the issue's setting stays the headline.
 """
 
 from __future__ import annotations
@@ -60,10 +68,14 @@ from visionrpc.training.synthetic import make_dataset
 from visionrpc.training.train import open_session
 
 FASTAI = "fastai==2.8.12"
-DATA_OPTIONS: dict[str, dict[str, int]] = {
-    "pets": {"breeds": 6, "per_breed": 30},
-    "voc": {"images": 240},
-    "biwi": {"people": 4, "frames_per_person": 40},
+# Each benchmark set: its dataset kind and the generator's options. biwi is the issue's
+# setting (120 training frames); biwi-large is the same generator with 4x the frames, an
+# extra line where both sides end well clear of the mean-point answer (see the docstring).
+DATA_SETS: dict[str, tuple[str, dict[str, int]]] = {
+    "pets": ("pets", {"breeds": 6, "per_breed": 30}),
+    "voc": ("voc", {"images": 240}),
+    "biwi": ("biwi", {"people": 4, "frames_per_person": 40}),
+    "biwi-large": ("biwi", {"people": 4, "frames_per_person": 160}),
 }
 METRIC = {"pets": "error_rate", "voc": "accuracy_multi", "biwi": "point_error_px"}
 HIGHER_IS_BETTER = {"pets": False, "voc": True, "biwi": False}
@@ -268,7 +280,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(DATA_OPTIONS), choices=DATA_OPTIONS)
+    parser.add_argument("--tasks", nargs="+", default=list(DATA_SETS), choices=DATA_SETS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--size", type=int, default=64, help="input side (biwi: 3/4 high)")
     parser.add_argument("--epochs", type=int, default=3, help="after the frozen one")
@@ -278,35 +290,37 @@ def main() -> None:
     args = parser.parse_args()
     python = fastai_python(args.venv.resolve())
     results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
-    constant: float | None = None
+    constants: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="visionrpc-vs-fastai-") as work:
         scratch = Path(work)
-        for kind in args.tasks:
-            data = make_dataset(kind, scratch / kind, **DATA_OPTIONS[kind])
+        for name in args.tasks:
+            kind, options = DATA_SETS[name]
+            data = make_dataset(kind, scratch / name, **options)
             for seed in args.seeds:
                 torch.manual_seed(seed)
                 weights = scratch / f"resnet18-seed{seed}.pth"
                 torch.save(torchvision.models.resnet18(weights=None).state_dict(), weights)
                 ours, dataset = run_visionrpc(kind, data, weights, seed, args)
                 theirs = run_fastai(python, kind, dataset, weights, seed, args, scratch)
-                results[(kind, seed)] = {"visionrpc": ours, "fastai": theirs}
+                results[(name, seed)] = {"visionrpc": ours, "fastai": theirs}
                 if kind == "biwi":
-                    constant = constant_point_error(dataset)
-                print(f"{kind} seed {seed}: visionrpc {ours}, fastai {theirs}", flush=True)
+                    constants[name] = constant_point_error(dataset)
+                print(f"{name} seed {seed}: visionrpc {ours}, fastai {theirs}", flush=True)
     print(
         f"\n{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"{FASTAI}; resnet18 random init (one state dict per seed for both), "
         f"size {args.size} (biwi {size_of('biwi', args.size)}), bs {args.bs}, "
         f"fine_tune 1 frozen + {args.epochs} epochs, lr {args.lr:g}"
     )
-    header = f"{'task':<6}{'metric':<16}{'seed':>6}{'visionrpc':>11}{'fastai':>9}"
+    header = f"{'task':<11}{'metric':<16}{'seed':>6}{'visionrpc':>11}{'fastai':>9}"
     print(header + f"{'img/s ours':>12}{'img/s fastai':>14}{'speed ratio':>13}")
-    for kind in args.tasks:
-        rows = [results[(kind, seed)] for seed in args.seeds]
+    for name in args.tasks:
+        kind = DATA_SETS[name][0]
+        rows = [results[(name, seed)] for seed in args.seeds]
         for seed, row in zip(args.seeds, rows, strict=True):
             ours, theirs = row["visionrpc"], row["fastai"]
             print(
-                f"{kind:<6}{METRIC[kind]:<16}{seed:>6}{ours['metric']:>11.4f}"
+                f"{name:<11}{METRIC[kind]:<16}{seed:>6}{ours['metric']:>11.4f}"
                 f"{theirs['metric']:>9.4f}{ours['img_s']:>12.1f}{theirs['img_s']:>14.1f}"
                 f"{ours['img_s'] / theirs['img_s']:>12.2f}x"
             )
@@ -321,14 +335,15 @@ def main() -> None:
         # ratio of means on a machine whose load changes between seeds.
         ratio = statistics.mean(r["visionrpc"]["img_s"] / r["fastai"]["img_s"] for r in rows)
         print(
-            f"{kind:<6}{'mean':<16}{'':>6}{ours['metric']:>11.4f}{theirs['metric']:>9.4f}"
+            f"{name:<11}{'mean':<16}{'':>6}{ours['metric']:>11.4f}{theirs['metric']:>9.4f}"
             f"{ours['img_s']:>12.1f}{theirs['img_s']:>14.1f}{ratio:>12.2f}x   "
             f"metric {'at least as good as' if better else 'WORSE than'} fastai's"
         )
-    if constant is not None:
+    for name, constant in constants.items():
+        frames = DATA_SETS[name][1]["frames_per_person"]
         print(
-            f"biwi: always answering the training frames' mean head centre scores "
-            f"{constant:.4f} px; a model above that has learnt nothing from the pictures"
+            f"{name} ({frames} frames per person): always answering the training frames' "
+            f"mean head centre scores {constant:.4f} px"
         )
 
 
