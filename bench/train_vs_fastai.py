@@ -13,8 +13,11 @@ dict per seed, loaded into both); the same head (fastai's create_head: concat po
 BatchNorm, dropout 0.25, 512 units, BatchNorm, dropout 0.5, linear; BIWI: sigmoid_range
 (-1, 1) on points scaled to -1..1, MSE); ImageNet normalisation (fastai's
 ``Normalize.from_stats``); the same batch size, ``fine_tune`` schedule (one frozen epoch,
-then ``--epochs``) and learning rate, with Adam (its state cleared when the body is
-unfrozen, as fastai's ``freeze_to``), weight decay 0.01 off BatchNorm and biases.
+then ``--epochs``) and learning rate, with Adam, weight decay 0.01 off BatchNorm and biases.
+Fed the same weights and batches (no dropout or augmentation), the two training loops agree
+to float rounding through each phase; the one difference is that fastai's ``freeze_to``
+clears Adam's state when the body is unfrozen, while visionrpc carries it on (clearing it
+cost visionrpc's voc 0.883 -> 0.872 accuracy_multi over seeds 0-3, lower on all four).
 Each side is seeded with the seed (fastai through ``set_seed(seed, reproducible=True)``),
 so a run repeats.
 

@@ -208,6 +208,8 @@ class Learner:
         # fastai halves the rate once the body is unfrozen and gives the earliest layers 1/100.
         base_lr /= 2
         self.model.unfreeze()
+        # Adam's state carries on into the unfrozen epochs. fastai clears it here (freeze_to);
+        # doing so lowered voc's accuracy on every seed tried (bench/train_vs_fastai.py).
         self.fit_one_cycle(epochs, (base_lr / 100, base_lr), pct_start=0.3, div=5.0)
 
     def fit_one_cycle(
