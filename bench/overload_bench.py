@@ -56,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from serve_bench import (
     MODEL,
     PUSHBACK_KEY,
+    batch_histogram,
     cpu_name,
     export_resnet18,
     free_port,
@@ -179,6 +180,12 @@ async def drive(
             )
         )
     return tally
+
+
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Mean rows per batch between two readings of the server's batch-size histogram."""
+    batches = after.get("count", 0.0) - before.get("count", 0.0)
+    return (after.get("sum", 0.0) - before.get("sum", 0.0)) / batches if batches else 0.0
 
 
 def loop_thread_seconds(pid: int) -> float:
@@ -344,9 +351,12 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     large = request_of(MODEL, photo_jpeg(6000, 4000))
     try:
         asyncio.run(drive(address, [(small, "small", 4, True)], 2.0))  # warm
+        before = batch_histogram(metrics_port, MODEL)
         base = asyncio.run(drive(address, [(small, "small", 8, True)], seconds))
+        between = batch_histogram(metrics_port, MODEL)
         loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, False)]
         over = asyncio.run(drive(address, loads, seconds))
+        after = batch_histogram(metrics_port, MODEL)
         ours, ours_cpu = our_bursts(server.pid, address, small)
     finally:
         server.terminate()
@@ -362,14 +372,16 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
         f"ResNet-18 224x224, --max-queue-size {QUEUE_SIZE}, {seconds:g} s per phase",
         "",
         "| phase | goodput img/s | admitted p50 ms | admitted p99 ms "
-        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls |",
-        "|---|---|---|---|---|---|",
+        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls "
+        "| mean batch |",
+        "|---|---|---|---|---|---|---|",
         f"| C=8 | {base_goodput:.1f} | {percentile(base.answered, 0.5) * ms:.0f} | "
         f"{base_p99 * ms:.0f} | {base_steady_p99 * ms:.0f} "
-        f"| {sum(len(v) for v in base.refused.values())} |",
+        f"| {sum(len(v) for v in base.refused.values())} | {mean_batch(before, between):.1f} |",
         f"| C=256 (+{LARGE_CALLERS} large) | {over_goodput:.1f} | "
         f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
-        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} |",
+        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} "
+        f"| {mean_batch(between, after):.1f} |",
         "",
         f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
         "| target p99 |",
