@@ -23,6 +23,12 @@ GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
    gRPC core's wire bytes, the copy grpc.aio hands the parser and the parsed message
    exist at once).
 
+4. bursts: ``BURST`` calls sent at the same instant, ``BURSTS`` times, against the ResNet-18
+   server while callers keep its queue full, and against a bare grpc.aio server in a
+   subprocess whose one method aborts every call at once (no interceptor, no work): the
+   floor any grpc.aio server has for refusing a crowd that arrives together. Prints both
+   sides' refusal p50/p99 and the CPU their event-loop thread spent per refusal.
+
 Targets (issue 15): rejection p99 under 20 ms whatever the image size, goodput at least
 0.9 of the C=8 goodput, admitted p99 at most 2x the C=8 p99, peak RSS under the bound.
 The load generator shares the machine with the server: on a 2-core box its own event
@@ -33,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from serve_bench import (
     MODEL,
     PUSHBACK_KEY,
+    batch_histogram,
     cpu_name,
     export_resnet18,
     free_port,
@@ -67,6 +77,31 @@ MEMORY_CONCURRENCY = 64
 LARGEST_SIDE = 6324
 # The server's default (settings.py).
 DECODE_BACKLOG_BYTES = 128 << 20
+# Calls sent at the same instant in the burst phase, and how many such bursts.
+BURST = 256
+BURSTS = 10
+# Callers that keep the queue full during the bursts, obeying the retry hints.
+FILLERS = 24
+
+# A grpc.aio server with one method that refuses every call at once: the floor.
+BARE_SERVER = r"""
+import asyncio, sys
+import grpc
+
+async def refuse(request, context):
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "full")
+
+async def main():
+    server = grpc.aio.server()
+    methods = {"Refuse": grpc.unary_unary_rpc_method_handler(refuse)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bare.Bare", methods),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
 
 
 @dataclass
@@ -147,6 +182,121 @@ async def drive(
     return tally
 
 
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Mean rows per batch between two readings of the server's batch-size histogram."""
+    batches = after.get("count", 0.0) - before.get("count", 0.0)
+    return (after.get("sum", 0.0) - before.get("sum", 0.0)) / batches if batches else 0.0
+
+
+def loop_thread_seconds(pid: int) -> float:
+    """CPU seconds the process's main thread (the server's event loop) has used."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bursts(
+    address: str, send: Callable[[grpc.aio.Channel], Awaitable[Any]], fill: pb.PredictRequest | None
+) -> list[float]:
+    """Refusal latencies of BURSTS bursts of BURST calls sent at once.
+
+    With ``fill``, FILLERS callers keep sending it (obeying the hints) so the queue stays
+    full; a burst call that is answered instead of refused is left out.
+    """
+    refused: list[float] = []
+
+    async def one(channel: grpc.aio.Channel) -> None:
+        started = time.perf_counter()
+        try:
+            await send(channel)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused.append(time.perf_counter() - started)
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        await channel.channel_ready()
+        fillers: list[asyncio.Task[None]] = []
+        if fill is not None:
+            stub = pb_grpc.InferenceServiceStub(channel)
+            until = time.monotonic() + 3600
+            fillers = [
+                asyncio.create_task(caller(stub, fill, "fill", until, Tally(), False))
+                for _ in range(FILLERS)
+            ]
+            await asyncio.sleep(1.0)
+        for _ in range(BURSTS):
+            await asyncio.gather(*(one(channel) for _ in range(BURST)))
+            await asyncio.sleep(0.3)
+        for task in fillers:
+            task.cancel()
+        await asyncio.gather(*fillers, return_exceptions=True)
+    return refused
+
+
+def burst_lines(
+    ours: list[float], ours_cpu: float, bare: list[float], bare_cpu: float
+) -> list[str]:
+    ms = 1000.0
+    return [
+        f"{BURSTS} bursts of {BURST} calls sent at once, refused:",
+        "",
+        "| server | refusals | p50 ms | p99 ms | event-loop CPU per refusal ms |",
+        "|---|---|---|---|---|",
+        f"| visionrpc, queue full | {len(ours)} | {percentile(ours, 0.5) * ms:.1f} | "
+        f"{percentile(ours, 0.99) * ms:.1f} | {ours_cpu * ms:.3f} |",
+        f"| bare grpc.aio, aborts every call | {len(bare)} | {percentile(bare, 0.5) * ms:.1f} | "
+        f"{percentile(bare, 0.99) * ms:.1f} | {bare_cpu * ms:.3f} |",
+        "",
+        f"burst refusal p99 visionrpc / bare grpc.aio: "
+        f"{percentile(ours, 0.99) / percentile(bare, 0.99):.2f}",
+    ]
+
+
+def bare_bursts() -> tuple[list[float], float]:
+    """Refusal latencies and event-loop CPU per refusal of the bare grpc.aio server."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        address = f"127.0.0.1:{process.stdout.readline().strip()}"
+
+        async def send(channel: grpc.aio.Channel) -> Any:
+            refuse = channel.unary_unary("/bare.Bare/Refuse", None, None)
+            return await refuse(b"x" * 1024, timeout=30)
+
+        before = loop_thread_seconds(process.pid)
+        refused = asyncio.run(bursts(address, send, None))
+        return refused, (loop_thread_seconds(process.pid) - before) / max(1, len(refused))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def our_bursts(pid: int, address: str, request: pb.PredictRequest) -> tuple[list[float], float]:
+    """The same bursts against ``visionrpc serve`` with its queue kept full."""
+
+    async def send(channel: grpc.aio.Channel) -> Any:
+        return await pb_grpc.InferenceServiceStub(channel).Predict(request, timeout=30)
+
+    # The fillers' answered calls cost the loop too: measured alone, then taken off.
+    quiet_started, quiet_before = time.monotonic(), loop_thread_seconds(pid)
+    asyncio.run(fill_only(address, request, 3.0))
+    per_second = (loop_thread_seconds(pid) - quiet_before) / (time.monotonic() - quiet_started)
+    started, before = time.monotonic(), loop_thread_seconds(pid)
+    refused = asyncio.run(bursts(address, send, request))
+    spent = loop_thread_seconds(pid) - before - per_second * (time.monotonic() - started)
+    return refused, spent / max(1, len(refused))
+
+
+async def fill_only(address: str, request: pb.PredictRequest, seconds: float) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        until = time.monotonic() + seconds
+        await asyncio.gather(
+            *(caller(stub, request, "fill", until, Tally(), False) for _ in range(FILLERS))
+        )
+
+
 def tiny_classifier(repository: Path, name: str, size: int) -> None:
     """softmax(channel means): a model whose cost is all in decoding its input."""
     graph = helper.make_graph(
@@ -201,9 +351,13 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     large = request_of(MODEL, photo_jpeg(6000, 4000))
     try:
         asyncio.run(drive(address, [(small, "small", 4, True)], 2.0))  # warm
+        before = batch_histogram(metrics_port, MODEL)
         base = asyncio.run(drive(address, [(small, "small", 8, True)], seconds))
+        between = batch_histogram(metrics_port, MODEL)
         loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, False)]
         over = asyncio.run(drive(address, loads, seconds))
+        after = batch_histogram(metrics_port, MODEL)
+        ours, ours_cpu = our_bursts(server.pid, address, small)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -218,14 +372,16 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
         f"ResNet-18 224x224, --max-queue-size {QUEUE_SIZE}, {seconds:g} s per phase",
         "",
         "| phase | goodput img/s | admitted p50 ms | admitted p99 ms "
-        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls |",
-        "|---|---|---|---|---|---|",
+        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls "
+        "| mean batch |",
+        "|---|---|---|---|---|---|---|",
         f"| C=8 | {base_goodput:.1f} | {percentile(base.answered, 0.5) * ms:.0f} | "
         f"{base_p99 * ms:.0f} | {base_steady_p99 * ms:.0f} "
-        f"| {sum(len(v) for v in base.refused.values())} |",
+        f"| {sum(len(v) for v in base.refused.values())} | {mean_batch(before, between):.1f} |",
         f"| C=256 (+{LARGE_CALLERS} large) | {over_goodput:.1f} | "
         f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
-        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} |",
+        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} "
+        f"| {mean_batch(between, after):.1f} |",
         "",
         f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
         "| target p99 |",
@@ -246,7 +402,8 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     ]
     if base.other or over.other:
         lines.append(f"other outcomes: C=8 {base.other}, C=256 {over.other}")
-    return lines
+    bare, bare_cpu = bare_bursts()
+    return [*lines, "", *burst_lines(ours, ours_cpu, bare, bare_cpu)]
 
 
 def memory_phase(seconds: float, work: Path, extra: list[str]) -> list[str]:

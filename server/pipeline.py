@@ -226,14 +226,20 @@ class Pipeline:
     async def _prepare(
         self, index: int, image: ImageInput, model: LoadedModel, views: tuple[View, ...]
     ) -> _PreparedImage | VisionRPCError:
-        loop = asyncio.get_running_loop()
+        spec = model.config.input
         try:
-            prepared, seconds = await loop.run_in_executor(
-                self._decode_executor, _timed_decode, image, model.config.input, views, self._limits
-            )
+            if _needs_no_resampling(image, spec, views):
+                # Microseconds of copying: a trip through the decode pool would cost more,
+                # and the row would wait behind any photo being decoded there.
+                prepared, seconds = _timed_decode(image, spec, views, self._limits)
+            else:
+                prepared, seconds = await asyncio.get_running_loop().run_in_executor(
+                    self._decode_executor, _timed_decode, image, spec, views, self._limits
+                )
+                # What the pool's backlog costs per image, for the decode stage's hints.
+                self._recent_decode_seconds += 0.2 * (seconds - self._recent_decode_seconds)
         except InvalidInput as exc:
             return InvalidInput(f"image {index}: {exc.message}")
-        self._recent_decode_seconds += 0.2 * (seconds - self._recent_decode_seconds)
         if self._observer is not None:
             self._observer.preprocess_observed(model.name, seconds)
         return prepared
@@ -264,6 +270,16 @@ def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
         raise InvalidInput(
             f"options.{foreign[0]}: does not apply to {task} models, which take {taken}"
         )
+
+
+def _needs_no_resampling(image: ImageInput, spec: InputSpec, views: tuple[View, ...]) -> bool:
+    """Raw RGB pixels at the input's size, with no zoomed view: rows are copies of them."""
+    return (
+        isinstance(image, RawImage)
+        and image.channels == 3
+        and (image.height, image.width) == (spec.height, spec.width)
+        and all(view.zoom == 1.0 for view in views)
+    )
 
 
 def _encoded_size(image: ImageInput) -> int:

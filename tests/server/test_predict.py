@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -244,3 +245,41 @@ async def test_newest_version_by_default_and_an_older_one_when_pinned(tmp_path: 
                 await stub.Predict(encoded_request("colors", data, version=missing))
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
             assert "versions: 1, 2" in (failure.value.details() or "")
+
+
+async def test_raw_pixels_at_the_input_size_do_not_wait_behind_photos_being_decoded(
+    tmp_path: Path,
+) -> None:
+    """Such rows are copies of the request's bytes, made on the event loop at once."""
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    y, x = np.mgrid[0:4000, 0:4000]
+    # 16 MP that compress to a small PNG but take the one decode thread ~0.2 s each.
+    slow = png(np.stack([x // 16, y // 16, (x + y) // 32], -1).astype(np.uint8))
+    pixels = solid(250, 10, 10)
+    raw = pb.Image(raw=pb.RawImage(pixels=pixels.tobytes(), height=8, width=8, channels=3))
+    finished: list[str] = []
+    async with (
+        running_server(root, preprocess_workers=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def call(name: str, request: pb.PredictRequest) -> pb.PredictResponse:
+            response = await stub.Predict(request)
+            finished.append(name)
+            return response
+
+        photos = [
+            asyncio.create_task(call(f"photo {i}", encoded_request("colors", slow)))
+            for i in range(3)
+        ]
+        # Time for the photos to arrive: decoding them then holds the thread for ~0.5 s.
+        await asyncio.sleep(0.05)
+        answer = await call("raw", pb.PredictRequest(model="colors", images=[raw]))
+        await asyncio.gather(*photos)
+    assert finished[0] == "raw", finished
+    expected = channel_mean_scores(pixels[None].astype(np.float32))[0]
+    np.testing.assert_allclose(
+        [top_as_dict(answer.results[0])[label] for label in LABELS], expected, atol=1e-6
+    )
