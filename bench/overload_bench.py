@@ -280,21 +280,12 @@ def our_bursts(pid: int, address: str, request: pb.PredictRequest) -> tuple[list
 
     # The fillers' answered calls cost the loop too: measured alone, then taken off.
     quiet_started, quiet_before = time.monotonic(), loop_thread_seconds(pid)
-    asyncio.run(fill_only(address, request, 3.0))
+    asyncio.run(drive(address, [(request, "fill", FILLERS, False)], 3.0))
     per_second = (loop_thread_seconds(pid) - quiet_before) / (time.monotonic() - quiet_started)
     started, before = time.monotonic(), loop_thread_seconds(pid)
     refused = asyncio.run(bursts(address, send, request))
     spent = loop_thread_seconds(pid) - before - per_second * (time.monotonic() - started)
     return refused, spent / max(1, len(refused))
-
-
-async def fill_only(address: str, request: pb.PredictRequest, seconds: float) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        until = time.monotonic() + seconds
-        await asyncio.gather(
-            *(caller(stub, request, "fill", until, Tally(), False) for _ in range(FILLERS))
-        )
 
 
 def tiny_classifier(repository: Path, name: str, size: int) -> None:
