@@ -60,6 +60,7 @@ from serve_bench import (
     cpu_name,
     export_resnet18,
     free_port,
+    mean_batch,
     photo_jpeg,
     start_server,
 )
@@ -180,12 +181,6 @@ async def drive(
             )
         )
     return tally
-
-
-def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
-    """Mean rows per batch between two readings of the server's batch-size histogram."""
-    batches = after.get("count", 0.0) - before.get("count", 0.0)
-    return (after.get("sum", 0.0) - before.get("sum", 0.0)) / batches if batches else 0.0
 
 
 def loop_thread_seconds(pid: int) -> float:

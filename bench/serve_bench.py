@@ -304,6 +304,12 @@ def batch_histogram(metrics_port: int, model: str) -> dict[str, float]:
     return found
 
 
+def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Mean rows per batch between two readings of the server's batch-size histogram."""
+    batches = after.get("count", 0.0) - before.get("count", 0.0)
+    return (after.get("sum", 0.0) - before.get("sum", 0.0)) / batches if batches else 0.0
+
+
 def measure(
     address: str,
     metrics_port: int,
@@ -329,7 +335,6 @@ def measure(
         if delta[key] - below > 0:
             per_bucket[key] = int(delta[key] - below)
         below = delta[key]
-    count = delta.get("count", 0.0)
     return LoadResult(
         model=model,
         input=kind,
@@ -343,7 +348,7 @@ def measure(
         else float("nan"),
         errors=errors,
         batch_sizes=per_bucket,
-        mean_batch=delta.get("sum", 0.0) / count if count else 0.0,
+        mean_batch=mean_batch(before, after),
     )
 
 
