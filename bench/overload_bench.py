@@ -1,6 +1,6 @@
 """Overload: what refusing costs, what admitted calls see, goodput, and memory under bursts.
 
-    .venv/bin/python bench/overload_bench.py            # about 2 minutes
+    .venv/bin/python bench/overload_bench.py            # about 3 minutes
     .venv/bin/python bench/overload_bench.py --quick    # about 40 s, a smoke run
 
 Starts ``visionrpc serve`` in a subprocess (so the load generator does not share its
@@ -8,12 +8,14 @@ GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
 (``--max-queue-size 8``), then:
 
 1. C=8 callers of a 224x224 JPEG for ``--seconds``: the baseline goodput and latency;
-2. C=256 callers of the same image, plus 4 callers of a 6000x4000 photo JPEG, for
-   ``--seconds`` against the same server. Refused calls (RESOURCE_EXHAUSTED) are timed
-   and retried after the server's ``grpc-retry-pushback-ms`` hint, as a gRPC client
-   with retries does. Prints rejection latency p50/p99 per image size, admitted p50/p99,
-   and goodput (answered images/s) against phase 1;
-3. a second server with three 64x64 models and the default limits, driven at C=64 with
+2. C=256 callers of the same image for ``--seconds`` against the same server. Refused
+   calls (RESOURCE_EXHAUSTED) are timed and retried after the server's
+   ``grpc-retry-pushback-ms`` hint, as a gRPC client with retries does. Prints goodput
+   (answered images/s) and admitted p50/p99 against phase 1, and rejection p50/p99;
+3. the same C=256 plus 4 callers of a 6000x4000 photo JPEG, for ``--seconds``: rejection
+   p50/p99 per image size, and what the photos' transfer and decoding cost the small
+   images' goodput and latency (their own answers count as goodput here too);
+4. a second server with three 64x64 models and the default limits, driven at C=64 with
    the largest image those limits allow (a 6324x6324 photo JPEG, 40 MP); prints the
    server's peak RSS (VmHWM) against the bound the README derives from the settings:
    RSS after loading + decode threads x max_image_pixels x 3 bytes x 2 (the decoded
@@ -22,8 +24,7 @@ GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
    (requests gRPC has received before admission can refuse them: while one is parsed,
    gRPC core's wire bytes, the copy grpc.aio hands the parser and the parsed message
    exist at once).
-
-4. bursts: ``BURST`` calls sent at the same instant, ``BURSTS`` times, against the ResNet-18
+5. bursts: ``BURST`` calls sent at the same instant, ``BURSTS`` times, against the ResNet-18
    server while callers keep its queue full, and against a bare grpc.aio server in a
    subprocess whose one method aborts every call at once (no interceptor, no work): the
    floor any grpc.aio server has for refusing a crowd that arrives together. Prints both
@@ -118,6 +119,7 @@ class Tally:
     refused_steady: dict[str, list[float]] = field(default_factory=dict)
     other: dict[str, int] = field(default_factory=dict)
     answered_images: int = 0
+    answered_by_kind: dict[str, int] = field(default_factory=dict)
 
     def refusal(self, kind: str, seconds: float) -> None:
         self.refused.setdefault(kind, []).append(seconds)
@@ -157,6 +159,7 @@ async def caller(
                 tally.other[error.code().name] = tally.other.get(error.code().name, 0) + 1
             continue
         if count_goodput:
+            tally.answered_by_kind[kind] = tally.answered_by_kind.get(kind, 0) + 1
             seconds = time.perf_counter() - started
             tally.answered.append(seconds)
             if time.monotonic() - seconds - tally.started > RAMP_SECONDS:
@@ -337,57 +340,71 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     large = request_of(MODEL, photo_jpeg(6000, 4000))
     try:
         asyncio.run(drive(address, [(small, "small", 4, True)], 2.0))  # warm
-        before = batch_histogram(metrics_port, MODEL)
+        marks = [batch_histogram(metrics_port, MODEL)]
         base = asyncio.run(drive(address, [(small, "small", 8, True)], seconds))
-        between = batch_histogram(metrics_port, MODEL)
-        loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, False)]
-        over = asyncio.run(drive(address, loads, seconds))
-        after = batch_histogram(metrics_port, MODEL)
+        marks.append(batch_histogram(metrics_port, MODEL))
+        over = asyncio.run(drive(address, [(small, "small", 256, True)], seconds))
+        marks.append(batch_histogram(metrics_port, MODEL))
+        loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, True)]
+        mixed = asyncio.run(drive(address, loads, seconds))
+        marks.append(batch_histogram(metrics_port, MODEL))
         ours, ours_cpu = our_bursts(server.pid, address, small)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    base_goodput = base.answered_images / seconds
-    over_goodput = over.answered_images / seconds
-    base_p99 = percentile(base.answered, 0.99)
-    over_p99 = percentile(over.answered, 0.99)
-    base_steady_p99 = percentile(base.answered_steady, 0.99)
-    over_steady_p99 = percentile(over.answered_steady, 0.99)
     ms = 1000.0
+
+    def row(name: str, tally: Tally, index: int) -> str:
+        answered = ", ".join(f"{kind} {n}" for kind, n in sorted(tally.answered_by_kind.items()))
+        return (
+            f"| {name} | {tally.answered_images / seconds:.1f} | "
+            f"{percentile(tally.answered, 0.5) * ms:.0f} | "
+            f"{percentile(tally.answered, 0.99) * ms:.0f} | "
+            f"{percentile(tally.answered_steady, 0.99) * ms:.0f} | {answered} | "
+            f"{sum(len(v) for v in tally.refused.values())} | "
+            f"{mean_batch(marks[index], marks[index + 1]):.1f} |"
+        )
+
     lines = [
         f"ResNet-18 224x224, --max-queue-size {QUEUE_SIZE}, {seconds:g} s per phase",
         "",
         "| phase | goodput img/s | admitted p50 ms | admitted p99 ms "
-        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | refused calls "
-        "| mean batch |",
-        "|---|---|---|---|---|---|---|",
-        f"| C=8 | {base_goodput:.1f} | {percentile(base.answered, 0.5) * ms:.0f} | "
-        f"{base_p99 * ms:.0f} | {base_steady_p99 * ms:.0f} "
-        f"| {sum(len(v) for v in base.refused.values())} | {mean_batch(before, between):.1f} |",
-        f"| C=256 (+{LARGE_CALLERS} large) | {over_goodput:.1f} | "
-        f"{percentile(over.answered, 0.5) * ms:.0f} | {over_p99 * ms:.0f} | "
-        f"{over_steady_p99 * ms:.0f} | {sum(len(v) for v in over.refused.values())} "
-        f"| {mean_batch(between, after):.1f} |",
+        f"| admitted p99 ms, calls made after the first {RAMP_SECONDS:g} s | answered "
+        "| refused calls | mean batch |",
+        "|---|---|---|---|---|---|---|---|",
+        row("C=8", base, 0),
+        row("C=256", over, 1),
+        row(f"C=256 + {LARGE_CALLERS} callers of a 6000x4000 photo", mixed, 2),
         "",
-        f"| refused image | refusals | p50 ms | p99 ms | p99 ms after the first {RAMP_SECONDS:g} s "
-        "| target p99 |",
+        f"| refused image, phase | refusals | p50 ms | p99 ms | p99 ms after the first "
+        f"{RAMP_SECONDS:g} s | target p99 |",
         "|---|---|---|---|---|---|",
     ]
-    for kind in ("small", "6000x4000"):
-        times = over.refused.get(kind, [])
-        steady = over.refused_steady.get(kind, [])
-        lines.append(
-            f"| {kind} | {len(times)} | {percentile(times, 0.5) * ms:.1f} | "
-            f"{percentile(times, 0.99) * ms:.1f} | {percentile(steady, 0.99) * ms:.1f} | < 20 |"
-        )
-    lines += [
-        "",
-        f"goodput C=256 / C=8: {over_goodput / base_goodput:.2f} (target >= 0.9)",
-        f"admitted p99 C=256 / C=8: {over_p99 / base_p99:.2f} (target <= 2); "
-        f"after the first {RAMP_SECONDS:g} s: {over_steady_p99 / base_steady_p99:.2f}",
-    ]
-    if base.other or over.other:
-        lines.append(f"other outcomes: C=8 {base.other}, C=256 {over.other}")
+    for phase, tally in (("C=256", over), ("C=256 + large", mixed)):
+        for kind in ("small", "6000x4000"):
+            if kind not in tally.refused:
+                continue
+            times, steady = tally.refused[kind], tally.refused_steady.get(kind, [])
+            lines.append(
+                f"| {kind}, {phase} | {len(times)} | {percentile(times, 0.5) * ms:.1f} | "
+                f"{percentile(times, 0.99) * ms:.1f} | {percentile(steady, 0.99) * ms:.1f} "
+                "| < 20 |"
+            )
+
+    def ratios(name: str, tally: Tally) -> list[str]:
+        goodput = tally.answered_images / base.answered_images
+        p99 = percentile(tally.answered, 0.99) / percentile(base.answered, 0.99)
+        steady = percentile(tally.answered_steady, 0.99) / percentile(base.answered_steady, 0.99)
+        return [
+            f"goodput {name} / C=8: {goodput:.2f} (target >= 0.9)",
+            f"admitted p99 {name} / C=8: {p99:.2f} (target <= 2); "
+            f"after the first {RAMP_SECONDS:g} s: {steady:.2f}",
+        ]
+
+    lines += ["", *ratios("C=256", over), *ratios("C=256 + large", mixed)]
+    others = {name: t.other for name, t in (("C=8", base), ("C=256", over), ("+large", mixed))}
+    if any(others.values()):
+        lines.append(f"other outcomes: {others}")
     bare, bare_cpu = bare_bursts()
     return [*lines, "", *burst_lines(ours, ours_cpu, bare, bare_cpu)]
 
