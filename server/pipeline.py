@@ -40,6 +40,7 @@ from .preprocess import (
     decode_for_model,
     image_from_pixels,
     prepare_views,
+    rows_from_input_size_pixels,
 )
 from .repository import LoadedModel, ModelRepository
 from .tasks import PredictionObserver, serving_task
@@ -229,8 +230,8 @@ class Pipeline:
         spec = model.config.input
         try:
             if _needs_no_resampling(image, spec, views):
-                # Microseconds of copying: a trip through the decode pool would cost more,
-                # and the row would wait behind any photo being decoded there.
+                # The pixels are the rows (microseconds): a trip through the decode pool
+                # would cost more, and the row would wait behind any photo decoding there.
                 prepared, seconds = _timed_decode(image, spec, views, self._limits)
             else:
                 prepared, seconds = await asyncio.get_running_loop().run_in_executor(
@@ -273,7 +274,7 @@ def refuse_foreign_options(task: str, options: PredictionOptions) -> None:
 
 
 def _needs_no_resampling(image: ImageInput, spec: InputSpec, views: tuple[View, ...]) -> bool:
-    """Raw RGB pixels at the input's size, with no zoomed view: rows are copies of them."""
+    """Raw RGB pixels at the input's size, with no zoomed view: its rows are views of the bytes."""
     return (
         isinstance(image, RawImage)
         and image.channels == 3
@@ -290,6 +291,10 @@ def decode_and_prepare(
     image: ImageInput, spec: InputSpec, views: tuple[View, ...], limits: ImageLimits
 ) -> _PreparedImage:
     """Blocking: bytes to one model-input row per view."""
+    if isinstance(image, RawImage) and _needs_no_resampling(image, spec, views):
+        return rows_from_input_size_pixels(
+            image.pixels, image.height, image.width, spec, views, limits
+        )
     if isinstance(image, EncodedImage):
         return prepare_views(decode_for_model(image.data, spec, views, limits), spec, views)
     decoded = image_from_pixels(image.pixels, image.height, image.width, image.channels, limits)

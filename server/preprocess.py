@@ -20,7 +20,7 @@ import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -278,16 +278,49 @@ def image_from_pixels(
         raise InvalidInput(f"raw images need 1, 3 or 4 channels, not {channels}")
     if height < 1 or width < 1:
         raise InvalidInput(f"raw image size {width}x{height} is empty")
+    array = _pixel_array(pixels, height, width, channels, limits)
+    if channels == 1:
+        return Image.fromarray(array[:, :, 0], mode="L").convert("RGB")
+    return to_rgb(Image.fromarray(array, mode="RGBA" if channels == 4 else "RGB"))
+
+
+def rows_from_input_size_pixels(
+    pixels: bytes,
+    height: int,
+    width: int,
+    spec: InputSpec,
+    views: Sequence[View],
+    limits: ImageLimits = ImageLimits(),
+) -> list[tuple[np.ndarray, Geometry]]:
+    """``prepare_views`` for raw RGB pixels at the input's size and views without a zoom.
+
+    Every resize method maps such an image onto itself (PIL's resize gives the same bytes
+    back), so a row is the pixels, mirrored for a flip view: no PIL image and no copies
+    beyond the batch's own (the batcher stacks rows into a new array).
+    """
+    if (height, width) != (spec.height, spec.width) or any(v.zoom != 1.0 for v in views):
+        raise ValueError("only for pixels at the input's size and views without a zoom")
+    array = _pixel_array(pixels, height, width, 3, limits)
+    rows = []
+    for view in views:
+        geometry = Geometry(width, height, 1.0, 0.0, 1.0, 0.0, width, height)
+        if view.flip:
+            geometry = replace(geometry, scale_x=-1.0, offset_x=float(width))
+        rows.append((array[:, ::-1] if view.flip else array, geometry))
+    return rows
+
+
+def _pixel_array(
+    pixels: bytes, height: int, width: int, channels: int, limits: ImageLimits
+) -> np.ndarray:
+    """The request's bytes as a read-only ``[H, W, C]`` view, once the size checks pass."""
     _check_pixels(width, height, limits)
     expected = height * width * channels
     if len(pixels) != expected:
         raise InvalidInput(
             f"raw image of {width}x{height}x{channels} needs {expected} bytes, got {len(pixels)}"
         )
-    array = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
-    if channels == 1:
-        return Image.fromarray(array[:, :, 0], mode="L").convert("RGB")
-    return to_rgb(Image.fromarray(array, mode="RGBA" if channels == 4 else "RGB"))
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -9,7 +9,14 @@ from PIL import Image
 from tests.helpers import images
 from visionrpc.server.errors import InvalidInput
 from visionrpc.server.model_config import InputSpec
-from visionrpc.server.preprocess import ImageLimits, image_from_pixels, load_image, prepare
+from visionrpc.server.preprocess import (
+    ImageLimits,
+    image_from_pixels,
+    load_image,
+    prepare,
+    rows_from_input_size_pixels,
+)
+from visionrpc.server.views import IDENTITY, View, parse_view
 
 WHITE = (255, 255, 255)
 
@@ -225,6 +232,32 @@ def test_raw_rgba_pixels_are_composited_over_white() -> None:
     pixels = np.array([[[0, 0, 255, 255], [0, 0, 255, 0]]], dtype=np.uint8)
     decoded = np.asarray(image_from_pixels(pixels.tobytes(), height=1, width=2, channels=4))
     assert decoded.tolist() == [[[0, 0, 255], [255, 255, 255]]]
+
+
+@pytest.mark.parametrize("method", ["crop", "squish", "pad"])
+@pytest.mark.parametrize(("height", "width"), [(224, 224), (96, 128), (7, 5)])
+def test_raw_pixels_at_the_input_size_give_the_rows_and_geometry_prepare_gives(
+    method: str, height: int, width: int
+) -> None:
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    spec = InputSpec(height, width, method)
+    views = (IDENTITY, View(name="flip", flip=True))
+    fast = rows_from_input_size_pixels(pixels.tobytes(), height, width, spec, views)
+    image = image_from_pixels(pixels.tobytes(), height, width, 3)
+    for view, (row, geometry) in zip(views, fast, strict=True):
+        expected_row, expected_geometry = prepare(image, spec, view)
+        assert np.array_equal(row, expected_row)
+        assert geometry == expected_geometry
+
+
+def test_raw_pixels_at_the_input_size_keep_the_size_checks() -> None:
+    spec = InputSpec(2, 2, "crop")
+    with pytest.raises(InvalidInput, match="needs 12 bytes, got 11"):
+        rows_from_input_size_pixels(bytes(11), 2, 2, spec, (IDENTITY,))
+    with pytest.raises(InvalidInput, match="over the limit of 3"):
+        rows_from_input_size_pixels(bytes(12), 2, 2, spec, (IDENTITY,), ImageLimits(max_pixels=3))
+    with pytest.raises(ValueError, match="without a zoom"):
+        rows_from_input_size_pixels(bytes(12), 2, 2, spec, (parse_view("zoom_center", zoom=1.2),))
 
 
 @pytest.mark.parametrize(
