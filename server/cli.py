@@ -125,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import serve
     from .logging_setup import configure_logging
+    from .memory import return_large_blocks_to_the_os
     from .settings import SettingsError
 
     try:
@@ -133,6 +134,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"visionrpc serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
+    return_large_blocks_to_the_os()  # before any image buffer is allocated
     try:
         return asyncio.run(serve(settings))
     except SettingsError as exc:  # an unreadable TLS or token file
