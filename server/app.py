@@ -80,7 +80,7 @@ class RunningApp:
     health: HealthServicer
     metrics: ServerMetrics
     drain: Drain
-    _decode_executor: ThreadPoolExecutor
+    _decode_executors: tuple[ThreadPoolExecutor, ...]
     _metrics_server: Any
 
     async def stop(self, grace_seconds: float) -> None:
@@ -101,7 +101,8 @@ class RunningApp:
             )
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.repository.close()
-        self._decode_executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._decode_executors:
+            executor.shutdown(wait=False, cancel_futures=True)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -126,6 +127,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         initializer=lower_this_thread,
         initargs=(settings.decode_niceness,),
     )
+    # One more thread for small images, so photos in the pool never hold them up.
+    small_decode_executor = ThreadPoolExecutor(
+        max_workers=1,
+        thread_name_prefix="decode-small",
+        initializer=lower_this_thread,
+        initargs=(settings.decode_niceness,),
+    )
     pipeline = Pipeline(
         repository,
         ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
@@ -134,6 +142,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         max_images_per_request=settings.max_images_per_request,
         decode_backlog_bytes=settings.decode_backlog_bytes,
         decode_threads=threads.preprocess_workers,
+        small_decode_executor=small_decode_executor,
     )
     drain = Drain()
     servicer = InferenceServicer(
@@ -258,12 +267,13 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         health=health_servicer,
         metrics=metrics,
         drain=drain,
-        _decode_executor=decode_executor,
+        _decode_executors=(decode_executor, small_decode_executor),
         _metrics_server=metrics_server,
     )
     logger.info("listening on %s (port %d), loading models", address, port)
     logger.info(
-        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s), %d decode threads",
+        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s), %d decode threads "
+        "(and one for small images)",
         threads.cpus,
         threads.intra_op_threads,
         settings.intra_op_spinning,

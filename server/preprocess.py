@@ -187,6 +187,15 @@ def decode_for_model(
     return _decode(data, limits, (spec, views))
 
 
+def header_pixels(data: bytes) -> int | None:
+    """The pixel count an encoded image's header states (no decoding), or None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
+            return int(opened.width * opened.height)
+    except Exception:
+        return None
+
+
 def input_geometry(data: bytes, spec: InputSpec, limits: ImageLimits = ImageLimits()) -> Geometry:
     """The geometry ``prepare(decode_for_model(data, spec), spec)`` gives, from the header."""
     try:

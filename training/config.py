@@ -104,12 +104,8 @@ class TrainConfig:
     max_lighting: float | None = field(
         default=None, metadata=option("brightness/contrast change (default 0.2)")
     )
-    max_warp: float | None = field(
-        default=None, metadata=option("perspective warp (default 0.2)")
-    )
-    max_zoom: float | None = field(
-        default=None, metadata=option("largest zoom (default 1.1)")
-    )
+    max_warp: float | None = field(default=None, metadata=option("perspective warp (default 0.2)"))
+    max_zoom: float | None = field(default=None, metadata=option("largest zoom (default 1.1)"))
     flip_p: float | None = field(
         default=None, metadata=option("chance of a horizontal flip (default 0.5)")
     )

@@ -142,7 +142,10 @@ def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> 
         output, _ = process.communicate(timeout=30)
     messages = [json.loads(line).get("message", "") for line in output.splitlines() if line]
     plan = [m for m in messages if "usable CPUs" in m]
-    assert plan == ["1 usable CPUs: 1 onnxruntime intra-op threads (spinning on), 1 decode threads"]
+    assert plan == [
+        "1 usable CPUs: 1 onnxruntime intra-op threads (spinning on), 1 decode threads "
+        "(and one for small images)"
+    ]
 
 
 def thread_nice_values(pid: int) -> dict[int, int]:

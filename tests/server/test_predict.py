@@ -21,6 +21,7 @@ from tests.server.support import encoded_request, model_input, png, random_image
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server.model_config import InputSpec
+from visionrpc.server.pipeline import SMALL_IMAGE_BYTES, SMALL_IMAGE_PIXELS
 from visionrpc.server.preprocess import load_image, parse_view, prepare
 
 LABELS = ("red", "green", "blue")
@@ -245,6 +246,36 @@ async def test_newest_version_by_default_and_an_older_one_when_pinned(tmp_path: 
                 await stub.Predict(encoded_request("colors", data, version=missing))
             assert failure.value.code() == grpc.StatusCode.NOT_FOUND
             assert "versions: 1, 2" in (failure.value.details() or "")
+
+
+async def test_small_images_do_not_wait_behind_photos_being_decoded(tmp_path: Path) -> None:
+    """Small images have a decode thread of their own; photos of many pixels never take it,
+    even when their files are small enough (the lane reads the header's size first)."""
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    y, x = np.mgrid[0:4000, 0:4000]
+    slow = png(np.stack([x // 16, y // 16, (x + y) // 32], -1).astype(np.uint8))
+    assert len(slow) <= SMALL_IMAGE_BYTES and SMALL_IMAGE_PIXELS < 4000 * 4000
+    pixels = solid(10, 250, 10)
+    finished: list[str] = []
+    async with (
+        running_server(root, preprocess_workers=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        async def call(name: str, data: bytes) -> pb.PredictResponse:
+            response = await stub.Predict(encoded_request("colors", data))
+            finished.append(name)
+            return response
+
+        photos = [asyncio.create_task(call(f"photo {i}", slow)) for i in range(3)]
+        # Had they taken the small lane, the thumbnail would wait ~0.5 s behind them there.
+        await asyncio.sleep(0.05)
+        answer = await call("thumbnail", png(pixels))
+        await asyncio.gather(*photos)
+    assert finished[0] == "thumbnail", finished
+    assert answer.results[0].classification.top[0].label == "green"
 
 
 async def test_raw_pixels_at_the_input_size_do_not_wait_behind_photos_being_decoded(
