@@ -121,18 +121,15 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         intra_op_threads=settings.intra_op_threads,
         preprocess_workers=settings.preprocess_workers,
     )
-    decode_executor = ThreadPoolExecutor(
-        max_workers=threads.preprocess_workers,
-        thread_name_prefix="decode",
-        initializer=lower_this_thread,
-        initargs=(settings.decode_niceness,),
-    )
-    # One more thread for small images, so photos in the pool never hold them up.
-    small_decode_executor = ThreadPoolExecutor(
-        max_workers=1,
-        thread_name_prefix="decode-small",
-        initializer=lower_this_thread,
-        initargs=(settings.decode_niceness,),
+    decode_executor, small_decode_executor = (
+        ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix=name,
+            initializer=lower_this_thread,
+            initargs=(settings.decode_niceness,),
+        )
+        # One more thread for small images, so photos in the pool never hold them up.
+        for name, workers in (("decode", threads.preprocess_workers), ("decode-small", 1))
     )
     pipeline = Pipeline(
         repository,
