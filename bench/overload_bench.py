@@ -76,8 +76,9 @@ from visionrpc.server.pipeline import SMALL_IMAGE_PIXELS
 RAMP_SECONDS = 2.0
 # Under overload an admitted call waits for the running batch and then its own: 2 x the queue
 # in rows, against about 8 at C=8 (idle dispatch alternates batches of 7 and 1). 7 is the
-# largest queue that never refuses those 8 callers; 6 refused some, which spoiled the
-# baseline, and 8 (16 rows ahead) made the admitted p99 1.93-2.23x C=8's.
+# largest queue that leaves those 8 callers alone but for a rare race (1 call in 1,600,
+# resent before the waiting rows left for the model); 6 refused more of them, which spoiled
+# the baseline, and 8 (16 rows ahead) made the admitted p99 1.93-2.23x C=8's.
 QUEUE_SIZE = 7
 LARGE_CALLERS = 4
 MEMORY_CONCURRENCY = 64
