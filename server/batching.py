@@ -8,12 +8,12 @@ for company); rows that arrive while the model is busy wait for an instance, so 
 grow with the load, not with a timer. With several ``instances`` and one of them busy,
 a batch closes when it holds ``max_batch_size`` rows or ``max_queue_delay_ms`` after its
 first row arrived (one fixed deadline per batch); ``wait_when_idle`` applies that rule
-to an idle model too. Up to ``instances`` batches run at
-once in a thread pool
-(onnxruntime releases the GIL). Rows whose caller gave up (cancelled future) or whose
-deadline passed are dropped before they cost compute. What happens is reported to a
-``BatchObserver`` (the server's Prometheus metrics), which this module knows only by
-its methods.
+to an idle model too. Up to ``instances`` batches run at once in a thread pool
+(onnxruntime releases the GIL), and a model thread that finishes a batch takes the next
+one due itself, so the model never idles while the loop hands out answers. Rows whose
+caller gave up (cancelled future) or whose deadline passed are dropped before they cost
+compute. What happens is reported to a ``BatchObserver`` (the server's Prometheus
+metrics), which this module knows only by its methods.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import collections
 import contextlib
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -151,10 +152,13 @@ class Batcher:
         self._run = run
         self._delay_seconds = settings.max_queue_delay_ms / 1000.0
         self._pending: collections.deque[_Item] = collections.deque()
+        # Guards _pending and _closed: the loop queues rows, a model thread that has just
+        # finished a batch takes the next one.
+        self._lock = threading.Lock()
         # Set on every change the loop may wait for: a new row, a finished run, close.
         self._wakeup = asyncio.Event()
         self._busy_instances = 0
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[None]] = set()
         self._executor = ThreadPoolExecutor(
             max_workers=settings.instances,
             thread_name_prefix=f"model-{name}",
@@ -208,8 +212,7 @@ class Batcher:
         if self._taken() + count > self.settings.max_queue_size:
             # Rows whose callers gave up must not hold slots; purging costs a scan, so
             # it happens only when the queue looks full.
-            self._pending = collections.deque(i for i in self._pending if self._still_wanted(i))
-            self._queue_changed()
+            self._purge()
         return self._taken() + count <= self.settings.max_queue_size
 
     @property
@@ -243,11 +246,13 @@ class Batcher:
             raise Unavailable(f"model {self.name} is shutting down")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        futures: list[asyncio.Future[np.ndarray]] = []
-        for row in rows:
-            future: asyncio.Future[np.ndarray] = loop.create_future()
-            self._pending.append(_Item(row=row, future=future, deadline=deadline, enqueued_at=now))
-            futures.append(future)
+        items = [
+            _Item(row=row, future=loop.create_future(), deadline=deadline, enqueued_at=now)
+            for row in rows
+        ]
+        with self._lock:
+            self._pending.extend(items)
+        futures = [item.future for item in items]
         self._queue_changed()
         if self._loop_task is None:
             self._loop_task = loop.create_task(self._batch_loop(), name=f"batcher-{self.name}")
@@ -277,9 +282,11 @@ class Batcher:
 
     async def close(self) -> None:
         """Fail whatever still waits with Unavailable, let running batches finish, stop."""
-        self._closed = True
-        fail_items(self._pending, Unavailable(f"model {self.name} is shutting down"))
-        self._pending.clear()
+        with self._lock:
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+        fail_items(waiting, Unavailable(f"model {self.name} is shutting down"))
         self._queue_changed()
         self._wakeup.set()
         if self._loop_task is not None:
@@ -289,109 +296,189 @@ class Batcher:
         self._executor.shutdown(wait=True)
 
     async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while (batch := await self._next_batch()) is not None:
             self._busy_instances += 1
-            task = asyncio.create_task(self._run_batch(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            # Submitted here, not from a task of its own: a task's first step would wait
+            # behind every callback already queued on the loop.
+            run = loop.run_in_executor(self._executor, self._run_batches, loop, batch)
+            self._running.add(run)
+            run.add_done_callback(self._instance_freed)
+
+    def _instance_freed(self, run: asyncio.Future[None]) -> None:
+        self._running.discard(run)
+        self._busy_instances -= 1
+        self._wakeup.set()
+        if not run.cancelled() and (error := run.exception()) is not None:
+            logger.error("model %s: its batch runner failed", self.name, exc_info=error)
 
     async def _next_batch(self) -> list[_Item] | None:
         """Wait until a batch may close and an instance is free; None once closed."""
         while True:
             self._wakeup.clear()
-            while self._pending and not self._still_wanted(self._pending[0]):
-                self._pending.popleft()
-            self._queue_changed()
-            if not self._pending:
-                if self._closed:
-                    return None
-                await self._wakeup.wait()
-                continue
-            # Fixed per batch: the oldest row's arrival plus the delay, never shrunk per wait.
-            close_at = self._pending[0].enqueued_at + self._delay_seconds
+            free = self._busy_instances < self.settings.instances
+            taken = self._take_due(free=free, idle=self._busy_instances == 0)
+            self._dropped(taken.expired, taken.cancelled)
+            if taken.batch:
+                return taken.batch
+            if taken.close_at is None and self._closed:
+                return None
             timeout: float | None = None
-            if self._busy_instances < self.settings.instances:
-                now = time.monotonic()
-                # An idle model gains nothing by waiting: the rows that come meanwhile
-                # would find it busy with this batch anyway and form the next one.
-                idle = self._busy_instances == 0 and not self.settings.wait_when_idle
-                full = len(self._pending) >= self.settings.max_batch_size
-                if idle or full or now >= close_at:
-                    batch = self._take_live(self.settings.max_batch_size)
-                    self._queue_changed()
-                    if batch:
-                        return batch
-                    continue
-                timeout = close_at - now
+            if free and taken.close_at is not None:
+                timeout = max(taken.close_at - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    def _take_live(self, count: int) -> list[_Item]:
-        """Up to ``count`` live rows from the head of the queue, dropping dead ones met."""
-        batch: list[_Item] = []
-        while self._pending and len(batch) < count:
-            item = self._pending.popleft()
-            if self._still_wanted(item):
-                batch.append(item)
-        return batch
+    def _take_due(self, *, free: bool, idle: bool) -> _Taken:
+        """The batching rule, for the loop and for a model thread that just finished.
 
-    def _still_wanted(self, item: _Item) -> bool:
-        """False for a row nobody waits for any more; an expired row's caller learns why."""
-        if item.future.done():
-            self.stats.dropped_cancelled += 1
-            self._observer.rows_dropped(1)
-            return False
-        if item.deadline is not None and item.deadline <= time.monotonic():
-            self.stats.dropped_expired += 1
-            self._observer.rows_dropped(1)
-            item.future.set_exception(
-                DeadlineExceeded(f"model {self.name}: the deadline passed in the queue")
+        Drops dead rows at the head; then, if an instance is ``free``, takes a batch when
+        one may close now: at once on an ``idle`` model (unless it waits when idle), when
+        a full batch waits, or once the oldest row has waited the delay. Runs in either
+        thread, so it only reads futures; the loop fails the expired rows it returns.
+        """
+        taken = _Taken([], [], 0, None)
+        with self._lock:
+            if self._closed:
+                return taken
+            now = time.monotonic()
+            pending = self._pending
+            while pending and not taken.keep_if_live(pending[0], now):
+                pending.popleft()
+            if not pending:
+                return taken
+            # Fixed per batch: the oldest row's arrival plus the delay, never shrunk per wait.
+            close_at = pending[0].enqueued_at + self._delay_seconds
+            # An idle model gains nothing by waiting: the rows that come meanwhile would
+            # find it busy with this batch anyway and form the next one.
+            due = (
+                (idle and not self.settings.wait_when_idle)
+                or len(pending) >= self.settings.max_batch_size
+                or now >= close_at
             )
-            return False
-        return True
+            if free and due:
+                while pending and len(taken.batch) < self.settings.max_batch_size:
+                    if taken.keep_if_live(item := pending.popleft(), now):
+                        taken.batch.append(item)
+            if pending:
+                taken.close_at = pending[0].enqueued_at + self._delay_seconds
+        return taken
+
+    def _dropped(self, expired: Sequence[_Item], cancelled: int) -> None:
+        """On the loop: tell expired rows' callers why, count what was dropped."""
+        for item in expired:
+            if not item.future.done():
+                item.future.set_exception(
+                    DeadlineExceeded(f"model {self.name}: the deadline passed in the queue")
+                )
+        if expired or cancelled:
+            self.stats.dropped_expired += len(expired)
+            self.stats.dropped_cancelled += cancelled
+            self._observer.rows_dropped(len(expired) + cancelled)
+        self._queue_changed()
+
+    def _purge(self) -> None:
+        """On the loop: drop every row nobody waits for any more, wherever it is queued."""
+        now = time.monotonic()
+        dead = _Taken([], [], 0, None)
+        with self._lock:
+            self._pending = collections.deque(
+                item for item in self._pending if dead.keep_if_live(item, now)
+            )
+        self._dropped(dead.expired, dead.cancelled)
 
     def _queue_changed(self) -> None:
         self._observer.queue_depth_changed(self._taken())
 
-    def _timed_run(self, inputs: np.ndarray) -> tuple[np.ndarray, float]:
-        """Runs in the executor, so the time is the model's alone, not the wait for a thread."""
-        started = time.perf_counter()
-        outputs = self._run(inputs)
-        return outputs, time.perf_counter() - started
+    def _run_batches(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+        """In a model thread: run a batch, then go straight on to the next one due.
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
-        """The one place a batch runs: merge, run off the loop, split."""
-        try:
+        Taking the next batch here, the moment this one ends, keeps the model busy while
+        the loop hands out the answers; left to the loop, the next batch would wait for
+        every handler those answers resume.
+        """
+        while batch:
+            started = time.monotonic()
             # Callers may have given up while the batch waited for its instance.
             live = [item for item in batch if not item.future.done()]
-            if len(live) < len(batch):
-                self.stats.dropped_cancelled += len(batch) - len(live)
-                self._observer.rows_dropped(len(batch) - len(live))
-            if not live:
+            outputs: np.ndarray | None = None
+            error: Exception | None = None
+            seconds = 0.0
+            if live:
+                try:
+                    # Inside the try: rows that cannot stack must fail their callers.
+                    inputs = merge_rows(live)
+                    clock = time.perf_counter()
+                    outputs = self._run(inputs)
+                    seconds = time.perf_counter() - clock
+                except Exception as exc:
+                    error = exc
+            if not _call_on(loop, self._batch_done, batch, live, started, outputs, seconds, error):
                 return
-            started = time.monotonic()
-            for item in live:
-                self._observer.queue_waited(started - item.enqueued_at)
-            loop = asyncio.get_running_loop()
-            try:
-                # Inside the try: rows that cannot stack must fail their callers, not strand them.
-                inputs = merge_rows(live)
-                outputs, seconds = await loop.run_in_executor(
-                    self._executor, self._timed_run, inputs
-                )
-                self._observer.batch_ran(len(live), seconds)
-                row_seconds = seconds / len(live)
-                self._recent_row_seconds += 0.2 * (row_seconds - self._recent_row_seconds)
-                self.stats.runs += 1
-                self.stats.rows_run += len(live)
-                self.stats.largest_batch = max(self.stats.largest_batch, len(live))
-                split_outputs(outputs, live)
-            except Exception as exc:
-                logger.exception("model %s: a batch of %d rows failed", self.name, len(live))
-                fail_items(live, VisionRPCError(f"model {self.name} failed: {exc}"))
-        finally:
-            self._busy_instances -= 1
-            self._wakeup.set()
+            taken = self._take_due(free=True, idle=self._busy_instances <= 1)
+            if (taken.expired or taken.cancelled) and not _call_on(
+                loop, self._dropped, taken.expired, taken.cancelled
+            ):
+                return
+            batch = taken.batch
+
+    def _batch_done(
+        self,
+        batch: list[_Item],
+        live: list[_Item],
+        started: float,
+        outputs: np.ndarray | None,
+        seconds: float,
+        error: Exception | None,
+    ) -> None:
+        """On the loop: report one batch and hand its callers their rows."""
+        self._dropped([], len(batch) - len(live))
+        if not live:
+            return
+        for item in live:
+            self._observer.queue_waited(started - item.enqueued_at)
+        try:
+            if error is not None:
+                raise error
+            assert outputs is not None
+            self._observer.batch_ran(len(live), seconds)
+            row_seconds = seconds / len(live)
+            self._recent_row_seconds += 0.2 * (row_seconds - self._recent_row_seconds)
+            self.stats.runs += 1
+            self.stats.rows_run += len(live)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(live))
+            split_outputs(outputs, live)
+        except Exception as exc:
+            logger.exception("model %s: a batch of %d rows failed", self.name, len(live))
+            fail_items(live, VisionRPCError(f"model {self.name} failed: {exc}"))
+
+
+def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> bool:
+    """Schedule ``callback`` on ``loop`` from a thread; False once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass
+class _Taken:
+    batch: list[_Item]
+    expired: list[_Item]
+    cancelled: int
+    # When the rows still waiting may close a batch; None when none wait.
+    close_at: float | None
+
+    def keep_if_live(self, item: _Item, now: float) -> bool:
+        """True for a row someone still waits for; a dead one is counted by why."""
+        if item.future.done():
+            self.cancelled += 1
+            return False
+        if item.deadline is not None and item.deadline <= now:
+            self.expired.append(item)
+            return False
+        return True
 
 
 class Reservation:

@@ -119,6 +119,21 @@ async def test_rows_arriving_while_the_model_is_busy_form_the_next_batch_at_once
     await batcher.close()
 
 
+async def test_the_next_batch_starts_when_one_ends_even_while_the_loop_is_busy() -> None:
+    model = GatedModel()
+    batcher = Batcher(model, settings(max_queue_delay_ms=3_600_000.0), name="t")
+    first = batcher.submit(rows(1))
+    await model.wait_started()
+    queued = batcher.submit(rows(2, 3))
+    model.gate.set()
+    # Blocks the event loop: the queued rows start only if the model thread that ran
+    # the first batch takes them itself instead of waiting for the loop to hand them over.
+    assert model.started.acquire(timeout=5)
+    assert model.batches == [[1.0], [2.0, 3.0]]
+    assert await results(first + queued) == [2, 4, 6]
+    await batcher.close()
+
+
 async def test_a_free_instance_waits_for_the_delay_while_another_one_is_busy() -> None:
     model = GatedModel()
     batcher = Batcher(model, settings(max_queue_delay_ms=300.0, instances=2), name="t")
