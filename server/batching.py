@@ -416,7 +416,8 @@ class Batcher:
             if not _call_on(loop, self._batch_done, batch, live, started, outputs, seconds, error):
                 return
             taken = self._take_due(free=True, idle=self._busy_instances <= 1)
-            if (taken.expired or taken.cancelled) and not _call_on(
+            # Also when only rows were taken: _dropped refreshes the queue-depth gauge.
+            if (taken.batch or taken.expired or taken.cancelled) and not _call_on(
                 loop, self._dropped, taken.expired, taken.cancelled
             ):
                 return
