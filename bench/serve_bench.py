@@ -9,16 +9,20 @@ normalises inside the graph, exports it to ONNX with a dynamic batch axis into a
 temporary repository (with ``--int8`` also a statically quantized copy, calibrated on
 generated photos), then:
 
-1. measures raw in-process onnxruntime at several batch sizes, with onnxruntime's default
-   threads and spinning on and off (no decoding, no gRPC), and keeps the best: the
-   server's ceiling;
+1. measures raw in-process onnxruntime at several batch sizes (no decoding, no gRPC): one
+   session with onnxruntime's default threads, spinning on and off, and one
+   single-thread session per usable CPU run side by side (as the server's lanes), and
+   keeps the best: the server's ceiling;
 2. starts ``visionrpc serve`` in a subprocess with its default settings (INFO access
    log to a file, metrics on) and drives C concurrent clients, each sending one
    single-image Predict after another, for each input: raw 224x224 pixels, a 224x224
    JPEG, a 500x375 JPEG (a typical web photo) and a 4000x3000 JPEG (a phone photo);
    completions are counted over a fixed window after a warm-up;
 3. reads the server's ``visionrpc_batch_size`` histogram around each window, so the
-   batch sizes each concurrency produced are printed beside its throughput;
+   batch sizes each concurrency produced are printed beside its throughput, and
+   ``visionrpc_inference_batch_seconds``: "model busy" is the seconds spent in
+   onnxruntime runs per second of the row (lanes add up: up to one per lane) and
+   "ms/row" a run's seconds per row, which tell an idle model from a slow one;
 4. measures raw onnxruntime again: on a shared machine the two raw figures show the
    noise. The summary's ratios are to the higher of the two raw bests (the rows printed
    while the bench runs, to the one measured before).
@@ -48,7 +52,8 @@ import tempfile
 import time
 import urllib.request
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,14 +172,19 @@ def request_image(kind: str) -> pb.Image:
     return pb.Image(encoded=photo_jpeg(width, height))
 
 
+# Raw onnxruntime set-ups: one session with its default threads, spinning on or off,
+# and one single-thread session per usable CPU run side by side (the server's lanes).
+RAW_SETUPS = ("spinning on", "spinning off", "lanes")
+
+
 @dataclass(frozen=True)
 class RawResult:
-    # Images/s by (batch size, spinning) and batch-1 median latency by spinning.
-    images_per_second: dict[tuple[int, bool], float]
-    batch1_p50_ms: dict[bool, float]
+    # Images/s by (batch size, set-up) and batch-1 median latency by one-session set-up.
+    images_per_second: dict[tuple[int, str], float]
+    batch1_p50_ms: dict[str, float]
 
     @property
-    def best(self) -> tuple[tuple[int, bool], float]:
+    def best(self) -> tuple[tuple[int, str], float]:
         return max(self.images_per_second.items(), key=lambda item: item[1])
 
     @property
@@ -183,33 +193,58 @@ class RawResult:
 
 
 def raw_onnxruntime(
-    model_file: Path, batch_sizes: list[int], seconds: float, spinning: tuple[bool, ...]
+    model_file: Path, batch_sizes: list[int], seconds: float, setups: Sequence[str]
 ) -> RawResult:
-    """onnxruntime alone on random uint8 batches: default threads, spinning on and off."""
-    rates: dict[tuple[int, bool], float] = {}
-    batch1: dict[bool, float] = {}
-    for spin in spinning:
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        session = ort.InferenceSession(
-            str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+    """onnxruntime alone on random uint8 batches (no decoding, no gRPC), per set-up."""
+    rates: dict[tuple[int, str], float] = {}
+    batch1: dict[str, float] = {}
+    for setup in setups:
+        lanes = usable_cpus() if setup == "lanes" else 0
+        sessions = []
+        for _ in range(max(1, lanes)):
+            options = ort.SessionOptions()
+            if lanes:
+                options.intra_op_num_threads = 1
+            spinning = "0" if setup == "spinning off" else "1"
+            options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+            sessions.append(
+                ort.InferenceSession(
+                    str(model_file), sess_options=options, providers=["CPUExecutionProvider"]
+                )
+            )
         for batch_size in batch_sizes:
             batch = np.random.default_rng(0).integers(
                 0, 256, (batch_size, SIZE, SIZE, 3), dtype=np.uint8
             )
-            session.run(None, {"image": batch})
-            latencies: list[float] = []
-            images, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                sent = time.perf_counter()
-                session.run(None, {"image": batch})
-                latencies.append(time.perf_counter() - sent)
-                images += batch_size
-            rates[(batch_size, spin)] = images / (time.perf_counter() - started)
-            if batch_size == 1:
-                batch1[spin] = 1000 * statistics.median(latencies)
+            measured = side_by_side(sessions, batch, seconds)
+            rates[(batch_size, setup)] = sum(rate for rate, _ in measured)
+            if batch_size == 1 and not lanes:
+                batch1[setup] = 1000 * statistics.median(measured[0][1])
     return RawResult(rates, batch1)
+
+
+def run_for(
+    session: ort.InferenceSession, batch: np.ndarray, seconds: float
+) -> tuple[float, list[float]]:
+    """Images/s of one session running ``batch`` over and over, and each run's seconds."""
+    session.run(None, {"image": batch})
+    latencies: list[float] = []
+    images, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        sent = time.perf_counter()
+        session.run(None, {"image": batch})
+        latencies.append(time.perf_counter() - sent)
+        images += len(batch)
+    return images / (time.perf_counter() - started), latencies
+
+
+def side_by_side(
+    sessions: list[ort.InferenceSession], batch: np.ndarray, seconds: float
+) -> list[tuple[float, list[float]]]:
+    """``run_for`` of every session at once, each in a thread of its own (one session:
+    the same as calling it here)."""
+    with ThreadPoolExecutor(max_workers=len(sessions)) as pool:
+        return list(pool.map(lambda session: run_for(session, batch, seconds), sessions))
 
 
 @dataclass(frozen=True)
@@ -227,6 +262,10 @@ class LoadResult:
     # Batches run during the window, by histogram bucket ("<=1", "<=2", ...).
     batch_sizes: dict[str, int]
     mean_batch: float
+    # Share of the row's wall time (warm-up included) that batches spent in onnxruntime,
+    # and onnxruntime's time per row: idle model time and slower inference, told apart.
+    model_busy: float
+    model_ms_per_row: float
 
 
 def sender(
@@ -295,15 +334,20 @@ async def drive(
 
 
 def batch_histogram(metrics_port: int, model: str) -> dict[str, float]:
-    """Cumulative ``visionrpc_batch_size`` buckets of ``model``, plus ``sum`` and ``count``."""
+    """Cumulative ``visionrpc_batch_size`` buckets of ``model``, plus ``sum`` and ``count``,
+    and as ``model_seconds`` the time its batches spent in onnxruntime."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
         text = page.read().decode()
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != "visionrpc_batch_size":
-            continue
         for sample in family.samples:
             if sample.labels.get("model") != model:
+                continue
+            if family.name == "visionrpc_inference_batch_seconds":
+                if sample.name.endswith("_sum"):
+                    found["model_seconds"] = sample.value
+                continue
+            if family.name != "visionrpc_batch_size":
                 continue
             if sample.name.endswith("_bucket"):
                 found["<=" + sample.labels["le"].removesuffix(".0")] = sample.value
@@ -331,11 +375,13 @@ def measure(
     server: str = "A",
 ) -> LoadResult:
     before = batch_histogram(metrics_port, model)
+    started = time.perf_counter()
     rate, latencies, errors = asyncio.run(
         drive(
             address, model, request_image(kind), protocol, concurrency, args.warmup, args.duration
         )
     )
+    elapsed = time.perf_counter() - started
     after = batch_histogram(metrics_port, model)
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     buckets = [key for key in after if key.startswith("<=")]
@@ -359,6 +405,10 @@ def measure(
         errors=errors,
         batch_sizes=per_bucket,
         mean_batch=mean_batch(before, after),
+        model_busy=delta.get("model_seconds", 0.0) / elapsed,
+        model_ms_per_row=1000 * delta.get("model_seconds", 0.0) / delta["sum"]
+        if delta.get("sum")
+        else float("nan"),
     )
 
 
@@ -452,13 +502,12 @@ def main() -> int:
         if args.int8:
             models[INT8_MODEL] = export_int8(repository, models[MODEL])
         raw_before = {
-            name: raw_onnxruntime(path, args.raw_batch_sizes, args.raw_duration, (True, False))
+            name: raw_onnxruntime(path, args.raw_batch_sizes, args.raw_duration, RAW_SETUPS)
             for name, path in models.items()
         }
         for name, raw in raw_before.items():
-            for (batch, spin), rate in raw.images_per_second.items():
-                spinning = "on " if spin else "off"
-                print(f"raw {name} batch {batch:>2}, spinning {spinning}: {rate:6.1f} images/s")
+            for (batch, setup), rate in raw.images_per_second.items():
+                print(f"raw {name} batch {batch:>2}, {setup:<12}: {rate:6.1f} images/s")
             print(f"raw {name} batch-1 p50: {raw.best_batch1_p50_ms:.1f} ms")
         servers = {"A": args.server_flag}
         if args.compare_flag:
@@ -498,9 +547,9 @@ def main() -> int:
             line for line in log.read_text(errors="replace").splitlines() if "usable CPUs" in line
         ]
         raw_after = {
-            name: raw_onnxruntime(path, [raw_before[name].best[0][0]], args.raw_duration, (spin,))
+            name: raw_onnxruntime(path, [raw_before[name].best[0][0]], args.raw_duration, (setup,))
             for name, path in models.items()
-            for spin in [raw_before[name].best[0][1]]
+            for setup in [raw_before[name].best[0][1]]
         }
     print_summary(
         [r for r in results if r.server == "A"], raw_before, raw_after, args.concurrency, startup
@@ -531,6 +580,7 @@ def format_row(result: LoadResult, raw_best: float) -> str:
         f"C={result.concurrency:<3} "
         f"{result.images_per_second:7.1f} img/s ({result.images_per_second / raw_best:4.2f})  "
         f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
+        f"model busy {result.model_busy:4.2f}, {result.model_ms_per_row:5.2f} ms/row  "
         f"mean batch {result.mean_batch:4.1f}  batches {sizes}"
     )
 
@@ -545,17 +595,16 @@ def print_summary(
     for line in startup:
         print("server: " + line.split("visionrpc.server.app", 1)[-1].strip(" :-"))
     for name, raw in raw_before.items():
-        (batch, spin), before = raw.best
-        (after_batch, after_spin), after = raw_after[name].best
+        (batch, setup), before = raw.best
+        (after_batch, after_setup), after = raw_after[name].best
         # The higher of the two: a machine that sped up during the run must not flatter
         # the server's rows.
         if after > before:
-            batch, spin = after_batch, after_spin
+            batch, setup = after_batch, after_setup
         best = max(before, after)
         print(f"\n{name}: images/s (ratio to raw onnxruntime's best, {best:.1f} images/s)")
         print(
-            f"raw best at batch {batch}, spinning {'on' if spin else 'off'}: "
-            f"{before:.1f} images/s before, {after:.1f} after"
+            f"raw best at batch {batch}, {setup}: {before:.1f} images/s before, {after:.1f} after"
         )
         print("| input | " + " | ".join(f"C={c}" for c in levels) + " |")
         print("|---|" + "---|" * len(levels))

@@ -203,6 +203,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         inter_op_threads=settings.inter_op_threads,
         allow_spinning=settings.intra_op_spinning == "on",
         model_niceness=settings.model_niceness,
+        cpu_lanes=settings.cpu_lanes == "on",
     )
 
     async def serving_changed(model: str, serving: bool) -> None:
@@ -269,11 +270,14 @@ async def start_app(settings: ServerSettings) -> RunningApp:
     )
     logger.info("listening on %s (port %d), loading models", address, port)
     logger.info(
-        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s), %d decode threads "
+        "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s; %s), %d decode threads "
         "(and one for small images)",
         threads.cpus,
         threads.intra_op_threads,
         settings.intra_op_spinning,
+        f"{threads.intra_op_threads} single-thread lanes on CPU"
+        if runtime_options.cpu_lanes and threads.intra_op_threads > 1
+        else "no lanes",
         threads.preprocess_workers,
     )
     try:

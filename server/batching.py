@@ -10,7 +10,14 @@ a batch closes when it holds ``max_batch_size`` rows or ``max_queue_delay_ms`` a
 first row arrived (one fixed deadline per batch); ``wait_when_idle`` applies that rule
 to an idle model too. Up to ``instances`` batches run at once in a thread pool
 (onnxruntime releases the GIL), and a model thread that finishes a batch takes the next
-one due itself, so the model never idles while the loop hands out answers. Rows whose
+one due itself, so the model never idles while the loop hands out answers.
+
+On a CPU a model may also come with ``lanes``: single-thread runs, one per core, beside
+its run on all cores. A lone row on an idle model runs on all cores (the lowest latency);
+otherwise each lane runs a batch of its own, the waiting rows shared out among the free
+lanes, and the all-core run never overlaps a lane. Single-thread runs side by side waste
+nothing when a thread loses its core to decoding or to the event loop, where the threads
+of one parallel run wait for the slowest at every layer. Rows whose
 caller gave up (cancelled future) or whose deadline passed are dropped before they cost
 compute. What happens is reported to a ``BatchObserver`` (the server's Prometheus
 metrics), which this module knows only by its methods.
@@ -27,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -98,8 +105,20 @@ class BatcherStats:
     runs: int = 0
     rows_run: int = 0
     largest_batch: int = 0
+    # Of ``runs``, those on a single-thread lane.
+    lane_runs: int = 0
     dropped_expired: int = 0
     dropped_cancelled: int = 0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a taken batch runs on: the instance slots it holds, and the model run."""
+
+    slots: tuple[int, ...]
+    run: ModelRun
+    # Model time per row counts once per slot that could run beside it.
+    parallel: int
 
 
 @dataclass(eq=False)
@@ -140,16 +159,20 @@ class Batcher:
         observer: BatchObserver | None = None,
         expected_row_seconds: float = 0.0,
         thread_niceness: int = 0,
+        lanes: Sequence[ModelRun] = (),
     ) -> None:
-        """``expected_row_seconds`` (e.g. the warm-up's) seeds the retry hints until
-        batches have run; the model runs in threads lowered by ``thread_niceness``."""
+        """``expected_row_seconds`` (``run``'s time per row, e.g. the warm-up's) seeds the
+        retry hints until batches have run; the model runs in threads lowered by
+        ``thread_niceness``. ``lanes`` (with one instance) are single-thread runs of the
+        same model that run batches side by side, ``run`` taking all cores."""
+        if lanes and settings.instances != 1:
+            raise ValueError("lanes replace instances: give one or the other")
         self.name = name
         self.settings = settings
         self.stats = BatcherStats()
         self._observer = Unobserved() if observer is None else observer
         self._observer.queue_capacity_set(settings.max_queue_size)
         self._observer.queue_depth_changed(0)
-        self._run = run
         self._delay_seconds = settings.max_queue_delay_ms / 1000.0
         self._pending: collections.deque[_Item] = collections.deque()
         # Guards _pending and _closed: the loop queues rows, a model thread that has just
@@ -157,10 +180,23 @@ class Batcher:
         self._lock = threading.Lock()
         # Set on every change the loop may wait for: a new row, a finished run, close.
         self._wakeup = asyncio.Event()
-        self._busy_instances = 0
+        self._run = run
+        self._lanes = tuple(lanes)
+        # Instance slots: one per lane, else one per instance; guarded by _lock. A batch on
+        # ``run`` with lanes holds every slot.
+        self._slots = len(self._lanes) or settings.instances
+        # A lane's batch holds its share of max_batch_size: a lane runs a row about
+        # ``lanes`` times slower than all cores do, so its full batch then takes as long as
+        # a full batch on all cores, and a row waits no longer for a lane to come free.
+        self._full_batch = settings.max_batch_size
+        if self._lanes:
+            self._full_batch = -(-settings.max_batch_size // self._slots)
+        self._free_slots = list(range(self._slots))
+        # time.monotonic() of the last batch taken.
+        self._last_take = -float("inf")
         self._running: set[asyncio.Future[None]] = set()
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.instances,
+            max_workers=self._slots,
             thread_name_prefix=f"model-{name}",
             initializer=lower_this_thread,
             initargs=(thread_niceness,),
@@ -169,9 +205,9 @@ class Batcher:
         self._closed = False
         # Slots held by requests whose rows are still being decoded.
         self._reserved = 0
-        # For retry hints: a moving average of the model's time per row, and the time
-        # the last refused caller was told to come back.
-        self._recent_row_seconds = expected_row_seconds
+        # For retry hints: a moving average of the model's time per row with every slot
+        # busy, and the time the last refused caller was told to come back.
+        self._recent_row_seconds = expected_row_seconds / (1 if self._lanes else self._slots)
         self._next_turn = 0.0
 
     @property
@@ -271,7 +307,7 @@ class Batcher:
         queue frees room, so each freed slot draws about one retry instead of a crowd
         (each refusal still costs the server a received message and a reply).
         """
-        row_seconds = self._recent_row_seconds / self.settings.instances
+        row_seconds = self._recent_row_seconds
         now = time.monotonic()
         behind_queue = now + self._taken() * row_seconds
         turn = max(self._next_turn, behind_queue) + count * row_seconds
@@ -297,48 +333,54 @@ class Batcher:
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while (batch := await self._next_batch()) is not None:
-            self._busy_instances += 1
+        while (taken := await self._next_batch()) is not None:
+            self._start(loop, [taken, *taken.others])
+
+    def _start(self, loop: asyncio.AbstractEventLoop, parts: Sequence[_Taken]) -> None:
+        """On the loop: a model thread for each batch taken."""
+        for part in parts:
             # Submitted here, not from a task of its own: a task's first step would wait
             # behind every callback already queued on the loop.
-            run = loop.run_in_executor(self._executor, self._run_batches, loop, batch)
+            run = loop.run_in_executor(self._executor, self._run_batches, loop, part)
             self._running.add(run)
             run.add_done_callback(self._instance_freed)
 
     def _instance_freed(self, run: asyncio.Future[None]) -> None:
         self._running.discard(run)
-        self._busy_instances -= 1
         self._wakeup.set()
         if not run.cancelled() and (error := run.exception()) is not None:
             logger.error("model %s: its batch runner failed", self.name, exc_info=error)
 
-    async def _next_batch(self) -> list[_Item] | None:
+    async def _next_batch(self) -> _Taken | None:
         """Wait until a batch may close and an instance is free; None once closed."""
         while True:
             self._wakeup.clear()
-            free = self._busy_instances < self.settings.instances
-            taken = self._take_due(free=free, idle=self._busy_instances == 0)
+            taken = self._take_due()
             self._dropped(taken.expired, taken.cancelled)
             if taken.batch:
-                return taken.batch
+                return taken
             if taken.close_at is None and self._closed:
                 return None
             timeout: float | None = None
-            if free and taken.close_at is not None:
+            if taken.close_at is not None and self._free_slots:
                 timeout = max(taken.close_at - time.monotonic(), 0.0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
-    def _take_due(self, *, free: bool, idle: bool) -> _Taken:
+    def _take_due(self, freed: tuple[int, ...] = ()) -> _Taken:
         """The batching rule, for the loop and for a model thread that just finished.
 
-        Drops dead rows at the head; then, if an instance is ``free``, takes a batch when
-        one may close now: at once on an ``idle`` model (unless it waits when idle), when
-        a full batch waits, or once the oldest row has waited the delay. Runs in either
-        thread, so it only reads futures; the loop fails the expired rows it returns.
+        Gives back the ``freed`` slots of the batch that thread ran, drops dead rows at the
+        head, then takes a batch if a slot is free and one may close now: at once on an
+        idle model (unless it waits when idle), when a full batch waits, or once the
+        oldest row has waited the delay. With lanes, a lone row on an idle model takes
+        every slot and runs on all cores; otherwise each free lane takes a lane's share of
+        the waiting rows (so an idle model's lanes split them). Runs in either thread, so
+        it only reads futures; the loop fails the expired rows it returns.
         """
         taken = _Taken([], [], 0, None)
         with self._lock:
+            self._free_slots.extend(freed)
             if self._closed:
                 return taken
             now = time.monotonic()
@@ -347,22 +389,58 @@ class Batcher:
                 pending.popleft()
             if not pending:
                 return taken
+            free = len(self._free_slots)
+            idle = free == self._slots
             # Fixed per batch: the oldest row's arrival plus the delay, never shrunk per wait.
             close_at = pending[0].enqueued_at + self._delay_seconds
             # An idle model gains nothing by waiting: the rows that come meanwhile would
             # find it busy with this batch anyway and form the next one.
             due = (
                 (idle and not self.settings.wait_when_idle)
-                or len(pending) >= self.settings.max_batch_size
+                or len(pending) >= self._full_batch
                 or now >= close_at
+                # Rows a lane left when it took its share go to the next free lane at once.
+                or (bool(self._lanes) and pending[0].enqueued_at <= self._last_take)
             )
             if free and due:
-                while pending and len(taken.batch) < self.settings.max_batch_size:
-                    if taken.keep_if_live(item := pending.popleft(), now):
-                        taken.batch.append(item)
+                if self._lanes and idle and len(pending) == 1:
+                    self._fill(taken, now, _Run(tuple(self._free_slots), self._run, 1), 1)
+                    self._free_slots.clear()
+                elif self._lanes:
+                    # Each free lane takes a lane's share of what waits, so the rows being
+                    # run stay about max_batch_size, as on all threads, and a row waits
+                    # no longer than there.
+                    share = min(self._full_batch, -(-len(pending) // self._slots))
+                    for slot in list(self._free_slots):
+                        part = taken if taken.run is None else _Taken([], taken.expired, 0, None)
+                        if self._fill(
+                            part, now, _Run((slot,), self._lanes[slot], self._slots), share
+                        ):
+                            self._free_slots.remove(slot)
+                            if part is not taken:
+                                taken.others.append(part)
+                                taken.cancelled += part.cancelled
+                        if not pending:
+                            break
+                else:
+                    run = _Run((self._free_slots[-1],), self._run, self._slots)
+                    if self._fill(taken, now, run, self.settings.max_batch_size):
+                        self._free_slots.pop()
+                if taken.run is not None:
+                    self._last_take = now
             if pending:
                 taken.close_at = pending[0].enqueued_at + self._delay_seconds
         return taken
+
+    def _fill(self, taken: _Taken, now: float, run: _Run, size: int) -> bool:
+        """Under the lock: up to ``size`` live rows from the queue's head into ``taken``,
+        to run on ``run``; False (nothing taken) when only dead rows were left."""
+        while self._pending and len(taken.batch) < size:
+            if taken.keep_if_live(item := self._pending.popleft(), now):
+                taken.batch.append(item)
+        if taken.batch:
+            taken.run = run
+        return bool(taken.batch)
 
     def _dropped(self, expired: Sequence[_Item], cancelled: int) -> None:
         """On the loop: tell expired rows' callers why, count what was dropped."""
@@ -390,14 +468,15 @@ class Batcher:
     def _queue_changed(self) -> None:
         self._observer.queue_depth_changed(self._taken())
 
-    def _run_batches(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
+    def _run_batches(self, loop: asyncio.AbstractEventLoop, taken: _Taken) -> None:
         """In a model thread: run a batch, then go straight on to the next one due.
 
         Taking the next batch here, the moment this one ends, keeps the model busy while
         the loop hands out the answers; left to the loop, the next batch would wait for
         every handler those answers resume.
         """
-        while batch:
+        batch, held = taken.batch, taken.run
+        while batch and held is not None:
             started = time.monotonic()
             # Callers may have given up while the batch waited for its instance.
             live = [item for item in batch if not item.future.done()]
@@ -409,25 +488,36 @@ class Batcher:
                     # Inside the try: rows that cannot stack must fail their callers.
                     inputs = merge_rows(live)
                     clock = time.perf_counter()
-                    outputs = self._run(inputs)
+                    outputs = held.run(inputs)
                     seconds = time.perf_counter() - clock
                 except Exception as exc:
                     error = exc
-            if not _call_on(loop, self._batch_done, batch, live, started, outputs, seconds, error):
-                return
-            taken = self._take_due(free=True, idle=self._busy_instances <= 1)
-            # Also when only rows were taken: _dropped refreshes the queue-depth gauge.
-            if (taken.batch or taken.expired or taken.cancelled) and not _call_on(
-                loop, self._dropped, taken.expired, taken.cancelled
+            if not _call_on(
+                loop, self._batch_done, batch, live, started, held, outputs, seconds, error
             ):
                 return
-            batch = taken.batch
+            taken = self._take_due(held.slots)
+            # Also when only rows were taken: the loop refreshes the queue-depth gauge, and
+            # starts batches on other slots that are free while rows still wait.
+            if (taken.batch or taken.expired or taken.cancelled) and not _call_on(
+                loop, self._thread_took, loop, taken
+            ):
+                return
+            batch, held = taken.batch, taken.run
+
+    def _thread_took(self, loop: asyncio.AbstractEventLoop, taken: _Taken) -> None:
+        """On the loop, after a model thread took a batch: report drops, start the other
+        lanes' batches of the same share-out, look again."""
+        self._dropped(taken.expired, taken.cancelled)
+        self._start(loop, taken.others)
+        self._wakeup.set()
 
     def _batch_done(
         self,
         batch: list[_Item],
         live: list[_Item],
         started: float,
+        held: _Run,
         outputs: np.ndarray | None,
         seconds: float,
         error: Exception | None,
@@ -443,9 +533,10 @@ class Batcher:
                 raise error
             assert outputs is not None
             self._observer.batch_ran(len(live), seconds)
-            row_seconds = seconds / len(live)
+            row_seconds = seconds / len(live) / held.parallel
             self._recent_row_seconds += 0.2 * (row_seconds - self._recent_row_seconds)
             self.stats.runs += 1
+            self.stats.lane_runs += held.run is not self._run
             self.stats.rows_run += len(live)
             self.stats.largest_batch = max(self.stats.largest_batch, len(live))
             split_outputs(outputs, live)
@@ -470,6 +561,11 @@ class _Taken:
     cancelled: int
     # When the rows still waiting may close a batch; None when none wait.
     close_at: float | None
+    # The slots and run the batch holds; None when nothing was taken.
+    run: _Run | None = None
+    # Batches other free lanes took in the same share-out; their expired rows and
+    # cancelled count are in this one's.
+    others: list[_Taken] = field(default_factory=list)
 
     def keep_if_live(self, item: _Item, now: float) -> bool:
         """True for a row someone still waits for; a dead one is counted by why."""

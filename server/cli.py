@@ -38,6 +38,8 @@ _SETTING_HELP = {
     "inter_op_threads": "onnxruntime inter-op threads, 0 = its default",
     "intra_op_spinning": "on (default) or off: idle onnxruntime threads busy-wait for work; "
     "off is faster when decoding large photos is most of the work",
+    "cpu_lanes": "on (default) or off: on CPU, also one single-thread session per intra-op "
+    "thread, which run batches side by side under load; a lone request runs on all threads",
     "decode_niceness": "nice steps below the event loop for the decode threads "
     "(default 5, 0 = equal)",
     "model_niceness": "nice steps below the event loop for the model's threads, its runs and "

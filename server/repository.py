@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 from collections.abc import Iterator
@@ -356,7 +357,9 @@ def load_model(
     """
     if not path.is_file():
         raise ModelLoadError(f"{path} does not exist")
-    runtime = ModelRuntime(path, config, runtime_options)
+    # A config's own instances run the one session concurrently instead of lanes.
+    lanes = runtime_options.cpu_lanes and batching.instances == 1
+    runtime = ModelRuntime(path, config, dataclasses.replace(runtime_options, cpu_lanes=lanes))
     runtime.warm_up([1, batching.max_batch_size])
     observer = None
     if metrics is not None:
@@ -371,6 +374,7 @@ def load_model(
         observer=observer,
         expected_row_seconds=runtime.warmup_row_seconds,
         thread_niceness=runtime_options.model_niceness,
+        lanes=runtime.lane_runs,
     )
     return LoadedModel(
         config=config, version=version, runtime=runtime, batching=batching, batcher=batcher

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ class RuntimeOptions:
     allow_spinning: bool = True
     # How far below the event loop the model's threads run (cpus.lower_this_thread).
     model_niceness: int = 0
+    # On the CPU provider with 2+ intra-op threads: also one single-thread session per
+    # intra-op thread, for the batcher's lanes (batching.Batcher).
+    cpu_lanes: bool = False
 
 
 class _ProviderProbe:
@@ -75,28 +78,27 @@ def choose_providers(requested: Sequence[str]) -> list[str]:
 
 
 class ModelRuntime:
-    """A loaded, checked and warmed-up model; ``run`` is safe from several threads."""
+    """A loaded, checked and warmed-up model; ``run`` is safe from several threads.
+
+    With ``cpu_lanes``, ``lane_runs`` run the model on one thread each, in sessions of
+    their own: the batcher runs them side by side under load and ``run`` (all threads)
+    for a lone request.
+    """
 
     def __init__(self, path: Path, config: ModelConfig, options: RuntimeOptions) -> None:
         self.path = path
         self.config = config
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = options.intra_op_threads
-        session_options.inter_op_num_threads = options.inter_op_threads
-        spinning = "1" if options.allow_spinning else "0"
-        session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
-        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
         providers = choose_providers(options.providers)
-        try:
-            # Created in a lowered thread, so onnxruntime's pool threads inherit its nice.
-            self._session = in_lowered_thread(
-                options.model_niceness,
-                lambda: ort.InferenceSession(
-                    str(path), sess_options=session_options, providers=providers
-                ),
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types per failure
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        lanes = options.cpu_lanes and providers == [CPU] and options.intra_op_threads > 1
+        self._session = self._open(path, providers, options, options.intra_op_threads, lanes)
+        # Lane sessions have no pool threads, so spinning does not apply to them.
+        self._lanes = [
+            self._open(path, providers, options, 1, False)
+            for _ in range(options.intra_op_threads if lanes else 0)
+        ]
+        self.lane_runs: tuple[Callable[[np.ndarray], np.ndarray], ...] = tuple(
+            functools.partial(self._run_on, lane) for lane in self._lanes
+        )
         self.provider: str = self._session.get_providers()[0]
         if CUDA in providers and self.provider != CUDA:
             _ProviderProbe.cuda_failed = True
@@ -108,31 +110,67 @@ class ModelRuntime:
         # Seconds per image row in the warm-up: the retry hints' estimate until batches run.
         self.warmup_row_seconds = 0.0
 
+    @staticmethod
+    def _open(
+        path: Path, providers: list[str], options: RuntimeOptions, threads: int, lanes: bool
+    ) -> ort.InferenceSession:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        spinning = "1" if options.allow_spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+        if lanes:
+            # Its pool threads would otherwise spin on after a run, holding cores that the
+            # lanes started next need.
+            session_options.add_session_config_entry("session.force_spinning_stop", "1")
+        try:
+            # Created in a lowered thread, so onnxruntime's pool threads inherit its nice.
+            return in_lowered_thread(
+                options.model_niceness,
+                lambda: ort.InferenceSession(
+                    str(path), sess_options=session_options, providers=providers
+                ),
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, 3]`` in, float32 ``[N, output_width]`` out."""
-        outputs = self._session.run(None, {self._input_name: batch})
+        return self._run_on(self._session, batch)
+
+    def _run_on(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
+        outputs = session.run(None, {self._input_name: batch})
         return np.asarray(outputs[0], dtype=np.float32)
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run zero batches once per size (first runs allocate and pick kernels)."""
+        """Run zero batches once per size (first runs allocate and pick kernels), on the
+        lanes too; the timing is the all-thread session's."""
+        sizes = sorted(set(batch_sizes))
         started = time.perf_counter()
-        spec = self.config.input
-        for size in sorted(set(batch_sizes)):
-            try:
-                outputs = self.run(np.zeros((size, spec.height, spec.width, 3), dtype=np.uint8))
-            except Exception as exc:  # e.g. a batch size fixed inside a "dynamic" graph
-                raise ModelLoadError(
-                    f"{self.path}: fails on a batch of {size} zero images: {exc}"
-                ) from exc
-            expected = (size, self.output_width)
-            if outputs.shape != expected:
-                raise ModelLoadError(
-                    f"{self.path}: returned shape {outputs.shape} for a batch of {size}, "
-                    f"expected {expected} ({self.config.task} with {len(self.config.labels)} "
-                    "labels)"
-                )
+        for size in sizes:
+            self._warm_run(self.run, size)
         self.warmup_seconds = time.perf_counter() - started
-        self.warmup_row_seconds = self.warmup_seconds / max(1, sum(set(batch_sizes)))
+        self.warmup_row_seconds = self.warmup_seconds / max(1, sum(sizes))
+        for lane in self.lane_runs:
+            for size in sizes:
+                self._warm_run(lane, size)
+
+    def _warm_run(self, run: Callable[[np.ndarray], np.ndarray], size: int) -> None:
+        spec = self.config.input
+        try:
+            outputs = run(np.zeros((size, spec.height, spec.width, 3), dtype=np.uint8))
+        except Exception as exc:  # e.g. a batch size fixed inside a "dynamic" graph
+            raise ModelLoadError(
+                f"{self.path}: fails on a batch of {size} zero images: {exc}"
+            ) from exc
+        expected = (size, self.output_width)
+        if outputs.shape != expected:
+            raise ModelLoadError(
+                f"{self.path}: returned shape {outputs.shape} for a batch of {size}, "
+                f"expected {expected} ({self.config.task} with {len(self.config.labels)} "
+                "labels)"
+            )
 
     def _check_input(self) -> str:
         inputs = self._session.get_inputs()

@@ -62,6 +62,12 @@ class ServerSettings:
     # decoders' priority (model_niceness) that is faster except when decoding is most of
     # the work (phone photos), where "off" frees the waiting thread's core for decoding.
     intra_op_spinning: str = "on"
+    # "on": on the CPU provider each model also gets one single-thread onnxruntime session
+    # per intra-op thread. Under load those run batches side by side, so a thread that
+    # loses its core to decoding or the loop stalls only its own batch, where the threads
+    # of one parallel run wait for the slowest at every layer; a lone request still runs
+    # on all threads. Costs a copy of the model's weights per lane.
+    cpu_lanes: str = "on"
     # How many nice steps below the event loop the decode threads and the model's
     # threads (its runs and onnxruntime's pool) run: the loop's short work first, so
     # accepting, refusing and answering calls never waits behind them; then decoding,
@@ -126,6 +132,8 @@ class ServerSettings:
             raise SettingsError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.intra_op_spinning not in SWITCHES:
             raise SettingsError("intra_op_spinning must be on or off")
+        if self.cpu_lanes not in SWITCHES:
+            raise SettingsError("cpu_lanes must be on or off")
         if self.keepalive_permit_without_calls not in SWITCHES:
             raise SettingsError("keepalive_permit_without_calls must be on or off")
         for name in _CONNECTION_SECONDS:

@@ -172,6 +172,128 @@ async def test_instances_run_batches_concurrently() -> None:
     await batcher.close()
 
 
+class LanedModel:
+    """A model with an all-core run and two single-thread lanes, each gated."""
+
+    def __init__(self) -> None:
+        self.all_cores = GatedModel()
+        self.lanes = [GatedModel(), GatedModel()]
+
+    def batcher(self, max_batch_size: int = 8, max_queue_delay_ms: float = 3_600_000.0) -> Batcher:
+        batching = settings(max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms)
+        return Batcher(self.all_cores, batching, name="t", lanes=self.lanes)
+
+    def open(self) -> None:
+        for model in (self.all_cores, *self.lanes):
+            model.gate.set()
+
+    def lane_sizes(self) -> list[int]:
+        return sorted(size for lane in self.lanes for size in lane.sizes)
+
+
+async def test_with_lanes_a_lone_row_on_an_idle_model_runs_on_all_cores() -> None:
+    model = LanedModel()
+    model.open()
+    batcher = model.batcher()
+    assert await asyncio.wait_for(results(batcher.submit(rows(3))), timeout=10) == [6]
+    assert (model.all_cores.sizes, model.lane_sizes()) == ([1], [])
+    assert (batcher.stats.runs, batcher.stats.lane_runs) == (1, 0)
+    await batcher.close()
+
+
+async def test_with_lanes_waiting_rows_are_shared_out_and_run_side_by_side() -> None:
+    model = LanedModel()
+    batcher = model.batcher()
+    # Seven rows on an idle model: not a lone row, so the lanes split them at once (with
+    # an hour of delay: the second lane must not wait for company either).
+    futures = batcher.submit(rows(*range(1, 8)))
+    for lane in model.lanes:
+        await lane.wait_started()
+    assert model.lane_sizes() == [3, 4]
+    assert model.all_cores.sizes == []
+    model.open()
+    assert await asyncio.wait_for(results(futures), timeout=10) == [2.0 * v for v in range(1, 8)]
+    assert (batcher.stats.runs, batcher.stats.lane_runs) == (2, 2)
+    await batcher.close()
+
+
+async def test_with_lanes_a_lane_batch_holds_its_share_of_the_largest_batch() -> None:
+    model = LanedModel()
+    model.open()
+    batcher = model.batcher(max_batch_size=8)
+    # Two lanes: a lane batch takes at most 4 rows, which take as long as 8 on all cores.
+    answers = await asyncio.wait_for(results(batcher.submit(rows(*range(20)))), timeout=10)
+    assert answers == [2.0 * v for v in range(20)]
+    assert max(model.lane_sizes()) == 4
+    assert sum(model.lane_sizes()) == 20
+    await batcher.close()
+
+
+async def test_with_lanes_nothing_runs_beside_the_all_core_run() -> None:
+    model = LanedModel()
+    batcher = model.batcher()
+    first = batcher.submit(rows(1))
+    await model.all_cores.wait_started()
+    later = batcher.submit(rows(2, 3, 4, 5, 6))
+    await asyncio.sleep(0.1)
+    # Both lanes are free, but a lane beside the all-core run would take one of its cores.
+    assert model.lane_sizes() == []
+    model.all_cores.gate.set()
+    for lane in model.lanes:
+        await lane.wait_started()
+    assert model.lane_sizes() == [2, 3]
+    model.open()
+    assert await asyncio.wait_for(results(first + later), timeout=10) == [2, 4, 6, 8, 10, 12]
+    assert model.all_cores.sizes == [1]
+    await batcher.close()
+
+
+async def test_with_lanes_a_free_lane_takes_new_rows_while_the_other_still_runs() -> None:
+    model = LanedModel()
+    batcher = model.batcher(max_queue_delay_ms=0.0)
+    first = batcher.submit(rows(1, 2))
+    for lane in model.lanes:
+        await lane.wait_started()
+    done, busy = model.lanes
+    done.gate.set()
+    finished = [f for f in first if not f.done()]
+    await asyncio.wait(finished, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    # The gated lane still holds its row; a new row must not wait for it.
+    assert await asyncio.wait_for(results(batcher.submit(rows(3))), timeout=10) == [6]
+    assert busy.concurrent == 1
+    assert sorted(v for batch in done.batches for v in batch)[-1] == 3.0
+    model.open()
+    assert await asyncio.wait_for(results(first), timeout=10) == [2, 4]
+    assert model.all_cores.sizes == []
+    await batcher.close()
+
+
+async def test_with_lanes_a_lane_that_frees_takes_only_its_share_of_the_queue() -> None:
+    model = LanedModel()
+    batcher = model.batcher()
+    first = batcher.submit(rows(1, 2))
+    for lane in model.lanes:
+        await lane.wait_started()
+    waiting = batcher.submit(rows(3, 4, 5, 6, 7, 8))
+    done = model.lanes[0]
+    done.gate.set()
+    # Half the six waiting rows at a time: the rows being run stay about what one full
+    # batch on all threads holds, so under overload a row waits no longer than without
+    # lanes (and the lane takes the next share when that one is done).
+    await asyncio.wait_for(asyncio.gather(*waiting[:3]), timeout=10)
+    assert done.batches[1] == [3.0, 4.0, 5.0]
+    model.open()
+    assert await asyncio.wait_for(results(first + waiting), timeout=10) == [
+        2.0 * v for v in range(1, 9)
+    ]
+    await batcher.close()
+
+
+async def test_lanes_and_instances_cannot_be_combined() -> None:
+    with pytest.raises(ValueError, match="lanes replace instances"):
+        Batcher(GatedModel(), settings(instances=2), name="t", lanes=[GatedModel()])
+
+
 async def test_a_full_queue_refuses_at_once_with_overloaded() -> None:
     model = GatedModel()
     batcher = Batcher(model, settings(max_queue_size=3, max_batch_size=1), name="t")

@@ -143,7 +143,7 @@ def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> 
     messages = [json.loads(line).get("message", "") for line in output.splitlines() if line]
     plan = [m for m in messages if "usable CPUs" in m]
     assert plan == [
-        "1 usable CPUs: 1 onnxruntime intra-op threads (spinning on), 1 decode threads "
+        "1 usable CPUs: 1 onnxruntime intra-op threads (spinning on; no lanes), 1 decode threads "
         "(and one for small images)"
     ]
 
@@ -158,20 +158,21 @@ def thread_nice_values(pid: int) -> dict[int, int]:
     return values
 
 
-@pytest.mark.parametrize(("decode", "model"), [(4, 7), (0, 0)])
+@pytest.mark.parametrize(("decode", "model", "lanes"), [(4, 7, "off"), (4, 7, "on"), (0, 0, "on")])
 def test_decoding_then_the_model_run_below_the_event_loop(
-    tmp_path: Path, decode: int, model: int
+    tmp_path: Path, decode: int, model: int, lanes: str
 ) -> None:
     root = tmp_path / "models"
     write_channel_mean_classifier(root)
     intra_op_threads = 3
     flags = [
-        "--intra-op-threads", str(intra_op_threads),
+        "--intra-op-threads", str(intra_op_threads), "--cpu-lanes", lanes,
         "--decode-niceness", str(decode), "--model-niceness", str(model),
     ]  # fmt: skip
     with serving(root, tmp_path, *flags, ready_model="colors") as server:
         with Client(server.address) as client:
-            # Decoding and a model run start the threads that pools make on first use.
+            # Decoding and a model run start the threads that pools make on first use
+            # (with lanes: four images run on two or three lanes).
             client.predict("colors", [png(solid(250, 0, 0))] * 4)
         values = thread_nice_values(server.process.pid)
     base = values[server.process.pid]  # the main thread runs the event loop
@@ -179,8 +180,12 @@ def test_decoding_then_the_model_run_below_the_event_loop(
         assert set(values.values()) == {base}
         return
     by_offset = collections.Counter(value - base for value in values.values())
-    # One decode thread per plan; the model's run thread and the intra-op pool's other
+    # One decode thread per plan; the model's run threads and the intra-op pool's other
     # threads, which onnxruntime starts as the session is made, inherit its nice value.
     assert by_offset[decode] == plan_threads(usable_cpus()).preprocess_workers, values
-    assert by_offset[model] == 1 + (intra_op_threads - 1), values
+    if lanes == "off":
+        assert by_offset[model] == 1 + (intra_op_threads - 1), values
+    else:
+        # The all-thread session's pool, and a run thread for each lane that ran.
+        assert intra_op_threads - 1 + 2 <= by_offset[model] <= intra_op_threads - 1 + 3, values
     assert set(by_offset) == {0, decode, model}, values

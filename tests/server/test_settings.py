@@ -119,6 +119,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "intra_op_threads": 5,
     "inter_op_threads": 6,
     "intra_op_spinning": "off",
+    "cpu_lanes": "off",
     "decode_niceness": 2,
     "model_niceness": 3,
     "providers": "CPUExecutionProvider,X",
