@@ -404,8 +404,8 @@ class Batcher:
             )
             if free and due:
                 if self._lanes and idle and len(pending) == 1:
-                    self._fill(taken, now, _Run(tuple(self._free_slots), self._run, 1), 1)
-                    self._free_slots.clear()
+                    if self._fill(taken, now, _Run(tuple(self._free_slots), self._run, 1), 1):
+                        self._free_slots.clear()
                 elif self._lanes:
                     # Each free lane takes a lane's share of what waits, so the rows being
                     # run stay about max_batch_size, as on all threads, and a row waits
@@ -419,7 +419,8 @@ class Batcher:
                             self._free_slots.remove(slot)
                             if part is not taken:
                                 taken.others.append(part)
-                                taken.cancelled += part.cancelled
+                        if part is not taken:
+                            taken.cancelled += part.cancelled
                         if not pending:
                             break
                 else:
