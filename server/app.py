@@ -57,7 +57,7 @@ from .pipeline import Pipeline
 from .preprocess import ImageLimits
 from .reflection import enable_reflection
 from .repository import ModelRepository, model_folders
-from .runtime import CUDA, ModelLoadError, RuntimeOptions, choose_providers
+from .runtime import CUDA, ModelLoadError, RuntimeOptions, choose_providers, lane_count
 from .service import InferenceServicer
 from .settings import ServerSettings, TLSFiles
 
@@ -269,15 +269,14 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         _metrics_server=metrics_server,
     )
     logger.info("listening on %s (port %d), loading models", address, port)
+    lanes = lane_count(runtime_options, _planned_providers(settings))
     logger.info(
         "%d usable CPUs: %d onnxruntime intra-op threads (spinning %s; %s), %d decode threads "
         "(and one for small images)",
         threads.cpus,
         threads.intra_op_threads,
         settings.intra_op_spinning,
-        f"{threads.intra_op_threads} single-thread lanes on CPU"
-        if runtime_options.cpu_lanes and threads.intra_op_threads > 1
-        else "no lanes",
+        f"{lanes} single-thread lanes on CPU" if lanes else "no lanes",
         threads.preprocess_workers,
     )
     try:
@@ -322,11 +321,16 @@ def _version_resolver(repository: ModelRepository) -> Callable[[str, str], str]:
 
 
 def _models_on_gpu(settings: ServerSettings) -> bool:
-    """Whether sessions will ask for CUDA first; a provider that is missing fails at load."""
+    """Whether sessions will ask for CUDA first."""
+    return _planned_providers(settings)[:1] == [CUDA]
+
+
+def _planned_providers(settings: ServerSettings) -> list[str]:
+    """The providers sessions will ask for; none where one is missing (that fails at load)."""
     try:
-        return choose_providers(settings.providers)[0] == CUDA
-    except (ModelLoadError, IndexError):
-        return False
+        return choose_providers(settings.providers)
+    except ModelLoadError:
+        return []
 
 
 def _add_port(server: grpc.aio.Server, address: str, tls: TLSFiles | None) -> int:

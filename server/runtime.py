@@ -77,6 +77,14 @@ def choose_providers(requested: Sequence[str]) -> list[str]:
     return list(requested)
 
 
+def lane_count(options: RuntimeOptions, providers: Sequence[str]) -> int:
+    """Single-thread lane sessions a model gets: one per intra-op thread where lanes are on,
+    the model runs on the CPU provider alone and has 2+ intra-op threads; else none."""
+    if options.cpu_lanes and list(providers) == [CPU] and options.intra_op_threads > 1:
+        return options.intra_op_threads
+    return 0
+
+
 class ModelRuntime:
     """A loaded, checked and warmed-up model; ``run`` is safe from several threads.
 
@@ -89,12 +97,13 @@ class ModelRuntime:
         self.path = path
         self.config = config
         providers = choose_providers(options.providers)
-        lanes = options.cpu_lanes and providers == [CPU] and options.intra_op_threads > 1
-        self._session = self._open(path, providers, options, options.intra_op_threads, lanes)
+        lanes = lane_count(options, providers)
+        self._session = self._open(
+            path, providers, options, options.intra_op_threads, stop_spinning=lanes > 0
+        )
         # Lane sessions have no pool threads, so spinning does not apply to them.
         self._lanes = [
-            self._open(path, providers, options, 1, False)
-            for _ in range(options.intra_op_threads if lanes else 0)
+            self._open(path, providers, options, 1, stop_spinning=False) for _ in range(lanes)
         ]
         self.lane_runs: tuple[Callable[[np.ndarray], np.ndarray], ...] = tuple(
             functools.partial(self._run_on, lane) for lane in self._lanes
@@ -112,7 +121,12 @@ class ModelRuntime:
 
     @staticmethod
     def _open(
-        path: Path, providers: list[str], options: RuntimeOptions, threads: int, lanes: bool
+        path: Path,
+        providers: list[str],
+        options: RuntimeOptions,
+        threads: int,
+        *,
+        stop_spinning: bool,
     ) -> ort.InferenceSession:
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = threads
@@ -120,9 +134,9 @@ class ModelRuntime:
         spinning = "1" if options.allow_spinning else "0"
         session_options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
         session_options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
-        if lanes:
-            # Its pool threads would otherwise spin on after a run, holding cores that the
-            # lanes started next need.
+        if stop_spinning:
+            # Beside lanes: its pool threads would otherwise spin on after a run, holding
+            # cores that the lanes started next need.
             session_options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             # Created in a lowered thread, so onnxruntime's pool threads inherit its nice.

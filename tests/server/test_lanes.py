@@ -11,7 +11,7 @@ import numpy as np
 from tests.helpers.onnx_models import channel_mean_scores, write_channel_mean_classifier
 from visionrpc.server.batching import BatchSettings
 from visionrpc.server.repository import ModelRepository, load_repository
-from visionrpc.server.runtime import CPU, RuntimeOptions
+from visionrpc.server.runtime import CPU, CUDA, RuntimeOptions, lane_count
 
 CPU_LANES = RuntimeOptions(providers=(CPU,), intra_op_threads=2, cpu_lanes=True)
 BATCHING = BatchSettings(max_batch_size=8, max_queue_delay_ms=0.0, max_queue_size=64, instances=1)
@@ -58,3 +58,9 @@ async def test_lanes_need_two_threads_on_the_cpu_provider_and_one_instance(tmp_p
         repository = repository_of(tmp_path / case, options, instances=instances)
         assert repository.get("colors").runtime.lane_runs == (), case
         await repository.close()
+
+
+def test_a_model_that_asks_for_cuda_gets_no_lanes() -> None:
+    assert lane_count(CPU_LANES, [CPU]) == 2
+    # CUDA first, CPU as its fallback: the GPU runs the batches, so no CPU lanes.
+    assert lane_count(CPU_LANES, [CUDA, CPU]) == 0
