@@ -14,7 +14,10 @@ GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
    (answered images/s) and admitted p50/p99 against phase 1, and rejection p50/p99;
 3. the same C=256 plus 4 callers of a 6000x4000 photo JPEG, for ``--seconds``: rejection
    p50/p99 per image size, and what the photos' transfer and decoding cost the small
-   images' goodput and latency (their own answers count as goodput here too);
+   images' goodput and latency (their own answers count as goodput here too); then the
+   probe: C=256 small callers and 4 callers that send the photo again 50 ms after each
+   refusal, for PROBE_SECONDS, whose refusals give the photo's refusal p99 (the 4
+   callers above, obeying the hints, are refused about 25 times a phase);
 4. a second server with three 64x64 models and the default limits, driven at C=64 with
    the largest image those limits allow (a 6324x6324 photo JPEG, 40 MP); prints the
    server's peak RSS (VmHWM) against the bound the README derives from the settings:
@@ -62,6 +65,7 @@ from serve_bench import (
     cpu_name,
     export_resnet18,
     free_port,
+    freeze_collector,
     mean_batch,
     photo_jpeg,
     start_server,
@@ -86,6 +90,13 @@ MEMORY_CONCURRENCY = 64
 LARGEST_SIDE = 6324
 # The server's default (settings.py).
 DECODE_BACKLOG_BYTES = 128 << 20
+# The probe phase: C=256 small callers and PROBE_CALLERS callers of the photo that send it
+# again this long after each refusal, for PROBE_SECONDS: enough photo refusals for a p99,
+# where the 4 photo callers that obey the hints are refused about 25 times a phase. (A
+# probe that finds room is answered, after the queue's wait, like any photo.)
+PROBE_CALLERS = 4
+PROBE_GAP_SECONDS = 0.05
+PROBE_SECONDS = 20.0
 # Calls sent at the same instant in the burst phase, and how many such bursts.
 BURST = 256
 BURSTS = 10
@@ -148,8 +159,10 @@ async def caller(
     until: float,
     tally: Tally,
     count_goodput: bool,
+    retry_gap: float | None = None,
 ) -> None:
-    """Calls until ``until``; a refusal waits for the server's hint, then tries again."""
+    """Calls until ``until``; a refusal waits for the server's hint (or ``retry_gap``
+    seconds), then tries again."""
     while time.monotonic() < until:
         started = time.perf_counter()
         call = stub.Predict(request, timeout=60)
@@ -161,7 +174,8 @@ async def caller(
                 tally.refusal(kind, seconds)
                 trailing: Any = error.trailing_metadata() or ()
                 hints = [value for key, value in trailing if key == PUSHBACK_KEY]
-                await asyncio.sleep(int(str(hints[0] if hints else 50)) / 1000)
+                hinted = int(str(hints[0] if hints else 50)) / 1000
+                await asyncio.sleep(hinted if retry_gap is None else retry_gap)
             else:
                 tally.other[error.code().name] = tally.other.get(error.code().name, 0) + 1
             continue
@@ -175,21 +189,30 @@ async def caller(
 
 
 async def drive(
-    address: str, loads: list[tuple[pb.PredictRequest, str, int, bool]], seconds: float
+    address: str,
+    loads: list[tuple[pb.PredictRequest, str, int, bool]],
+    seconds: float,
+    probe: tuple[pb.PredictRequest, str] | None = None,
 ) -> Tally:
+    """``loads``' callers obey the retry hints; a ``probe`` caller sends its request again
+    PROBE_GAP_SECONDS after each refusal, for enough refusals to give a p99."""
     tally = Tally()
     async with grpc.aio.insecure_channel(
         address, options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as channel:
         stub = pb_grpc.InferenceServiceStub(channel)
         until = time.monotonic() + seconds
-        await asyncio.gather(
-            *(
-                caller(stub, request, kind, until, tally, goodput)
-                for request, kind, count, goodput in loads
-                for _ in range(count)
-            )
-        )
+        callers = [
+            caller(stub, request, kind, until, tally, goodput)
+            for request, kind, count, goodput in loads
+            for _ in range(count)
+        ]
+        if probe is not None:
+            callers += [
+                caller(stub, *probe, until, tally, False, PROBE_GAP_SECONDS)
+                for _ in range(PROBE_CALLERS)
+            ]
+        await asyncio.gather(*callers)
     return tally
 
 
@@ -345,6 +368,7 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     address = f"127.0.0.1:{port}"
     small = request_of(MODEL, photo_jpeg(224, 224))
     large = request_of(MODEL, photo_jpeg(6000, 4000))
+    freeze_collector()
     try:
         asyncio.run(drive(address, [(small, "small", 4, True)], 2.0))  # warm
         marks = [batch_histogram(metrics_port, MODEL)]
@@ -355,6 +379,9 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
         loads = [(small, "small", 256, True), (large, "6000x4000", LARGE_CALLERS, True)]
         mixed = asyncio.run(drive(address, loads, seconds))
         marks.append(batch_histogram(metrics_port, MODEL))
+        probed = asyncio.run(
+            drive(address, [(small, "small", 256, True)], PROBE_SECONDS, (large, "6000x4000"))
+        )
         ours, ours_cpu = our_bursts(server.pid, address, small)
     finally:
         server.terminate()
@@ -387,7 +414,7 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
         f"{RAMP_SECONDS:g} s | target p99 |",
         "|---|---|---|---|---|---|",
     ]
-    for phase, tally in (("C=256", over), ("C=256 + large", mixed)):
+    for phase, tally in (("C=256", over), ("C=256 + large", mixed), ("probe", probed)):
         for kind in ("small", "6000x4000"):
             if kind not in tally.refused:
                 continue

@@ -8,6 +8,7 @@ The two clients only add the calls themselves, blocking or awaited.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,8 +21,8 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from visionrpc.protos import MODEL_HINT_KEY, VERSION_HINT_KEY, task_from_proto
 from visionrpc.protos import inference_pb2 as pb
-from visionrpc.protos import task_from_proto
 
 from .channel import LoadBalancing, RetryPolicy, TLSConfig, channel_options
 from .errors import (
@@ -78,6 +79,14 @@ class PredictCall:
     max_message_bytes: int
     # The x-request-id sent with the call (the server logs it and echoes it).
     request_id: str = ""
+
+
+def model_hint(model: str, version: str) -> tuple[tuple[str, str], ...]:
+    """Metadata naming the call's model, so the server can give it a queue slot before it
+    has read the message; none where the name is no valid header value."""
+    if not (model.isascii() and model.isprintable()):
+        return ()
+    return ((MODEL_HINT_KEY, model), *(((VERSION_HINT_KEY, version),) if version else ()))
 
 
 def _whole_number(name: str, value: object) -> int:
@@ -603,9 +612,12 @@ class ClientBase:
         if not isinstance(model, str) or not model:
             raise invalid_input(f"model must be a model name (str), got {model!r}")
         call_metadata, request_id = self._call_metadata(metadata)
+        version_text = model_version(version)
+        with contextlib.suppress(InvalidInputError):  # the hint alone would be too much
+            call_metadata = checked_metadata((*call_metadata, *model_hint(model, version_text)))
         return PredictCall(
             model=model,
-            version=model_version(version),
+            version=version_text,
             options=prediction_options(
                 top_k=top_k,
                 threshold=threshold,

@@ -14,6 +14,8 @@ from .visionrpc.v1 import (
 )
 
 __all__ = [
+    "MODEL_HINT_KEY",
+    "VERSION_HINT_KEY",
     "inference_pb2",
     "inference_pb2_grpc",
     "model_control_pb2",
@@ -21,6 +23,12 @@ __all__ = [
     "task_from_proto",
     "task_to_proto",
 ]
+
+# Request metadata with which a client names the model (and version) of a prediction
+# call's message, so the server can give the call a queue slot when its headers arrive,
+# before the message is read (server/admission.py). A hint only: the message decides.
+MODEL_HINT_KEY = "visionrpc-model"
+VERSION_HINT_KEY = "visionrpc-model-version"
 
 _PREFIX = "MODEL_TASK_"
 

@@ -21,6 +21,7 @@ then does the gRPC server stop, and the batchers close.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -39,7 +40,7 @@ from visionrpc.protos import model_control_pb2, model_control_pb2_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
-from .admission import EarlyRefusalInterceptor
+from .admission import AdmissionInterceptor
 from .auth import BearerTokenInterceptor
 from .cpus import lower_this_thread, plan_threads, usable_cpus
 from .drain import Drain, DrainInterceptor
@@ -179,7 +180,7 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         ]
     # Last, so that only a call that passed the token checks is refused for load.
     interceptors.append(
-        EarlyRefusalInterceptor(
+        AdmissionInterceptor(
             pipeline,
             (f"/{INFERENCE_SERVICE}/Predict", f"/{OPEN_INFERENCE_SERVICE}/ModelInfer"),
         )
@@ -353,6 +354,11 @@ async def serve(settings: ServerSettings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
     app = await start_app(settings)
+    # What is alive now (modules, servicers, the models' Python side) lasts as long as the
+    # server. Frozen, it is skipped by the collector's full passes, which otherwise walk it
+    # all and stall the event loop: 19-26 ms a pass, measured under overload on 2 cores.
+    gc.collect()
+    gc.freeze()
     await stop_requested.wait()
     logger.info("shutting down: in-flight calls get up to %.1f s", settings.shutdown_grace_seconds)
     await app.stop(settings.shutdown_grace_seconds)

@@ -214,13 +214,18 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    def reserve(self, count: int) -> Reservation:
+    def reserve(self, count: int, held: Reservation | None = None) -> Reservation:
         """Hold ``count`` queue slots for one request's rows, before any of them exists.
 
         The pipeline reserves when a request arrives, so a request that cannot fit is
-        refused before its images cost a decode. Raises Overloaded (with a retry hint)
-        when the slots are not free and Unavailable after close.
+        refused before its images cost a decode. ``held``: slots given to the request
+        before its message was read (``admission.py``); those in this queue count toward
+        ``count`` and move to the reservation returned. Raises Overloaded (with a retry
+        hint) when the slots are not free and Unavailable after close.
         """
+        if held is not None and held._batcher is not self:
+            held.release()
+        kept = 0 if held is None else min(count, held._count)
         if self._closed:
             raise Unavailable(f"model {self.name} is shutting down")
         limit = self.settings.max_queue_size
@@ -230,14 +235,17 @@ class Batcher:
                 f"model {self.name}: {count} inputs in one request, "
                 f"more than its queue holds ({limit}); send fewer images per request"
             )
-        if not self._room_for(count):
+        if not self._room_for(count - kept):
             self._observer.queue_rejected()
             raise Overloaded(
                 f"model {self.name} is overloaded: {self._taken()} of {limit} "
                 "queue slots taken; retry later",
                 retry_after_seconds=self._retry_hint(count),
             )
-        self._reserved += count
+        if held is not None:
+            held._count -= kept
+            held.release()
+        self._reserved += count - kept
         return Reservation(self, count)
 
     def full(self) -> bool:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -494,6 +495,9 @@ class ModelManager:
                 model.name
             ):
                 self._metrics.model_unloaded(model.name, str(model.version))
+        # ``serve`` froze what startup loaded; the collector must see a retired model's
+        # objects again, or any reference cycles among them would never be freed.
+        gc.unfreeze()
 
     async def _notify(self, name: str) -> None:
         if self._on_serving_changed is not None and not self.repository.loading:

@@ -29,7 +29,7 @@ from . import oip_codec
 from .errors import InvalidInput, VisionRPCError
 from .health import SERVING, HealthServicer
 from .model_manager import ModelManager
-from .pipeline import Pipeline, PredictOutcome
+from .pipeline import Pipeline, PredictOutcome, held_at_arrival
 from .repository import LoadedModel, ModelRepository, VersionState
 from .service import (
     Context,
@@ -161,7 +161,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
         # Checked before any work; an unknown model fails here as in the pipeline.
         model = self._repository.get(infer.call.model, infer.call.version)
         oip_codec.check_outputs(model.config, infer.outputs)
-        outcome = await self._pipeline.predict(infer.call, deadline)
+        outcome = await self._pipeline.predict(infer.call, deadline, held_at_arrival())
         response = oip_codec.infer_response(outcome, request, infer.outputs)
         _fail_when_every_image_failed(outcome)
         return response

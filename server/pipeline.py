@@ -26,12 +26,13 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from .batching import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Reservation
+from .batching import MAX_RETRY_AFTER, MIN_RETRY_AFTER, Batcher, Reservation
 from .errors import DeadlineExceeded, InvalidInput, Overloaded, VisionRPCError
 from .model_config import InputSpec
 from .postprocess import ImageResult, PredictionOptions, finish, resolve_options
@@ -102,6 +103,31 @@ def max_images_per_request(model: LoadedModel, server_limit: int) -> int:
     return max(1, min(server_limit, model.batching.max_queue_size // most_views))
 
 
+class ArrivalSlot:
+    """The queue slot ``Pipeline.admit_unread`` gave a call, until the call gives it up.
+
+    Emptied then, because tasks the call started (a batcher's loop among them) keep a copy
+    of its context, which must not keep a model's queue, and so the model, alive."""
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reservation: Reservation | None = reservation
+
+    def give_up(self) -> None:
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
+
+
+# Set by the admission interceptor in the call's task, before its handler runs.
+arrival_slot: ContextVar[ArrivalSlot | None] = ContextVar("arrival_slot", default=None)
+
+
+def held_at_arrival() -> Reservation | None:
+    """What the call being handled was given on arrival, for ``Pipeline.predict(held=)``."""
+    slot = arrival_slot.get()
+    return None if slot is None else slot.reservation
+
+
 # The small-image lane's bounds: a 1600x1200 photo decodes in about 6 ms, a 224 JPEG in
 # under 1 ms, while one 6000x4000 photo holds a decode thread for tens of milliseconds. The
 # pixel bound keeps the lane's working memory small (4 MP x 3 B x 2, about 23 MiB).
@@ -138,35 +164,61 @@ class Pipeline:
         # first decode, so that early refusals do not invite retries within milliseconds.
         self._recent_decode_seconds = INITIAL_DECODE_SECONDS
 
-    def refusal_before_reading(self) -> Overloaded | None:
-        """A refusal for any prediction request, or None while some model has room.
+    def admit_unread(self, named: tuple[str, str | None] | None = None) -> Reservation | None:
+        """What a prediction call gets when its headers arrive, before its message is read.
 
-        When no serving model's queue has a free slot, every request (one row at least)
-        would be refused once read, so it can be refused from its headers: a large
-        image is then never received, and the refusal costs the server almost nothing.
-        Of several full models, the one whose line of refused callers is shortest gives
-        the turn.
+        ``named``: the model and version (None: the newest) the client's headers say the
+        message names, a hint. When no serving model's queue has a free slot, every
+        request (one row at least) would be refused once read, so it is refused now
+        (Overloaded): a large image is then never received, and the refusal costs the
+        server almost nothing. Of several full models, the one whose line of refused
+        callers is shortest gives the turn. Otherwise the call is given a slot now in the
+        named model, or in the one model serving, for ``predict(held=)``: a large message
+        that found room when it arrived is then not refused once read because smaller
+        calls took the room while it was being received. A full named model refuses at
+        once. With several models and no usable hint: None.
         """
         batchers = [model.batcher for model in self.repository.loaded()]
-        if not batchers or not all(batcher.full() for batcher in batchers):
+        if not batchers:
             return None
-        shortest_line = min(batchers, key=lambda batcher: batcher.next_turn)
-        return Overloaded(
-            "the server is overloaded: no model has a free queue slot; retry later",
-            retry_after_seconds=shortest_line.refuse_unread(),
-        )
+        target = self._named_batcher(named)
+        if target is None:
+            if all(batcher.full() for batcher in batchers):
+                shortest_line = min(batchers, key=lambda batcher: batcher.next_turn)
+                raise Overloaded(
+                    "the server is overloaded: no model has a free queue slot; retry later",
+                    retry_after_seconds=shortest_line.refuse_unread(),
+                )
+            if len(batchers) == 1:
+                target = batchers[0]
+        return None if target is None else target.reserve(1)
+
+    def _named_batcher(self, named: tuple[str, str | None] | None) -> Batcher | None:
+        if named is None:
+            return None
+        try:
+            return self.repository.get(*named).batcher
+        except VisionRPCError:  # the message may name a model the hint does not
+            return None
 
     def limit_for(self, model: LoadedModel) -> int:
         return max_images_per_request(model, self.max_images_per_request)
 
-    async def predict(self, call: PredictCall, deadline: float | None = None) -> PredictOutcome:
-        """The one place a request is answered; ``deadline`` is a time.monotonic() or None."""
+    async def predict(
+        self, call: PredictCall, deadline: float | None = None, held: Reservation | None = None
+    ) -> PredictOutcome:
+        """The one place a request is answered; ``deadline`` is a time.monotonic() or None,
+        ``held`` what ``admit_unread`` gave the call (its owner releases it in the end)."""
         # Held for the whole call, so a swap or an unload lets it finish on this version.
         with self.repository.use(call.model, call.version) as model:
-            return await self._predict(model, call, deadline)
+            return await self._predict(model, call, deadline, held)
 
     async def _predict(
-        self, model: LoadedModel, call: PredictCall, deadline: float | None
+        self,
+        model: LoadedModel,
+        call: PredictCall,
+        deadline: float | None,
+        held: Reservation | None,
     ) -> PredictOutcome:
         refuse_foreign_options(model.config.task, call.options)
         resolved = resolve_options(model.config, call.options)
@@ -179,7 +231,7 @@ class Pipeline:
                 f"max_images_per_request ({limit}); split them into several requests"
             )
         _check_deadline(deadline)
-        reservation = model.batcher.reserve(len(call.images) * len(resolved.views))
+        reservation = model.batcher.reserve(len(call.images) * len(resolved.views), held)
         try:
             prepared = await self._decode_all(call, model, resolved.views)
             _check_deadline(deadline)

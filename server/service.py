@@ -25,7 +25,15 @@ from visionrpc.protos import task_to_proto
 
 from .client_text import DETAILS_LIMIT, printable
 from .errors import ErrorKind, VisionRPCError
-from .pipeline import EncodedImage, ImageInput, Pipeline, PredictCall, PredictOutcome, RawImage
+from .pipeline import (
+    EncodedImage,
+    ImageInput,
+    Pipeline,
+    PredictCall,
+    PredictOutcome,
+    RawImage,
+    held_at_arrival,
+)
 from .postprocess import ImageResult, PredictionOptions
 from .preprocess import REPORTED_FORMATS, accepted_extensions
 from .repository import LoadedModel, ModelRepository
@@ -77,7 +85,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
         try:
-            outcome = await self._pipeline.predict(call_from_proto(request), call_deadline(context))
+            outcome = await self._pipeline.predict(
+                call_from_proto(request), call_deadline(context), held_at_arrival()
+            )
         except Exception as exc:
             code, message = status_of(exc)
             await abort_with_hint(context, code, message, exc)

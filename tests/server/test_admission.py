@@ -6,6 +6,7 @@ import asyncio
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,10 +17,13 @@ from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.server import running_server, settings_for_tests
 from tests.observability.slow_model import write_slow_model
 from tests.server.support import encoded_request, fill_queue, png, solid
+from visionrpc.client import AsyncClient, OverloadedError
+from visionrpc.protos import MODEL_HINT_KEY, VERSION_HINT_KEY
 from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from visionrpc.server.admission import HOLD_SECONDS
 from visionrpc.server.app import start_app
 from visionrpc.server.batching import Batcher, BatchSettings
 from visionrpc.server.errors import Overloaded
@@ -123,6 +127,153 @@ async def test_with_every_queue_full_a_large_image_is_refused_unread_with_a_retr
         assert len(answer.results) == 1
 
 
+def unary_as_stream(channel: grpc.aio.Channel) -> Any:
+    """Predict called as a client stream: its headers go out at once, its one message
+    only when the request iterator yields it (a large upload still on its way)."""
+    return channel.stream_unary(
+        "/visionrpc.v1.InferenceService/Predict",
+        request_serializer=pb.PredictRequest.SerializeToString,
+        response_deserializer=pb.PredictResponse.FromString,
+    )
+
+
+async def sent_when(release: asyncio.Event, request: pb.PredictRequest) -> AsyncIterator[Any]:
+    await release.wait()
+    yield request
+
+
+async def running_alone(stub: pb_grpc.InferenceServiceAsyncStub, batcher: Batcher) -> Any:
+    """A call the slow model is running, with nothing queued behind it."""
+    running = stub.Predict(encoded_request("slow", RED), timeout=60)
+    await asyncio.sleep(0.25)  # decoded and taken by the model in milliseconds; runs longer
+    assert not running.done() and not batcher.queued and not batcher.full()
+    return running
+
+
+async def test_a_call_that_found_room_on_arrival_keeps_it_while_its_message_is_sent(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="slow", products=20)
+    async with (
+        running_server(tmp_path, max_queue_size=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        batcher = server.repository.get("slow").batcher
+        running = await running_alone(stub, batcher)
+        release = asyncio.Event()
+        upload = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
+        for _ in range(200):  # until its headers have been admitted
+            if batcher.full():
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.full() and not batcher.queued
+        # The slot is the upload's: a call arriving after it is refused, unread.
+        with pytest.raises(grpc.aio.AioRpcError) as later:
+            await stub.Predict(encoded_request("slow", RED), timeout=60)
+        assert later.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no model has a free queue slot" in (later.value.details() or "")
+        release.set()
+        answer = await upload
+        assert len(answer.results) == 1 and answer.results[0].WhichOneof("result") != "error"
+        await running
+        assert not batcher.full()
+
+
+async def test_headers_whose_message_does_not_come_give_their_slot_up(tmp_path: Path) -> None:
+    write_slow_model(tmp_path, name="slow", products=100)  # a run of seconds
+    async with (
+        running_server(tmp_path, max_queue_size=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        batcher = server.repository.get("slow").batcher
+        running = await running_alone(stub, batcher)
+        release = asyncio.Event()
+        stalled = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
+        await asyncio.sleep(0.2)
+        assert batcher.full()
+        await asyncio.sleep(HOLD_SECONDS)
+        assert not batcher.full()
+        # The room goes to a call that sends its message; the stalled one, sent now, is
+        # admitted only if room is left when it is read, and none is.
+        queued = stub.Predict(encoded_request("slow", RED), timeout=60)
+        for _ in range(100):
+            if batcher.queued:
+                break
+            await asyncio.sleep(0.01)
+        assert batcher.queued == 1 and not running.done()
+        release.set()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stalled
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue slots taken" in (refused.value.details() or "")
+        for call in (running, queued):
+            assert len((await call).results) == 1
+        assert not batcher.full()
+
+
+async def test_with_several_models_serving_a_call_holds_no_slot_before_its_message(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="slow", products=20)
+    write_slow_model(tmp_path, name="other", products=1)
+    async with (
+        running_server(tmp_path, max_queue_size=1) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        batcher = server.repository.get("slow").batcher
+        running = await running_alone(stub, batcher)
+        release = asyncio.Event()
+        upload = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
+        await asyncio.sleep(0.3)
+        # Which model the unread message names is unknown, so no queue holds a slot for it.
+        assert not batcher.full()
+        release.set()
+        assert len((await upload).results) == 1
+        await running
+
+
+async def test_a_client_that_names_the_model_in_its_headers_gets_a_slot_before_its_message(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="slow", products=20)
+    write_slow_model(tmp_path, name="other", products=1)
+    async with (
+        running_server(tmp_path, max_queue_size=1, metrics=True) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+        AsyncClient(server.address, retries=None) as client,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        batcher = server.repository.get("slow").batcher
+        running = await running_alone(stub, batcher)
+        release = asyncio.Event()
+        hint = ((MODEL_HINT_KEY, "slow"), (VERSION_HINT_KEY, "1"))
+        upload = unary_as_stream(channel)(
+            sent_when(release, encoded_request("slow", RED)), metadata=hint
+        )
+        await asyncio.sleep(0.3)
+        assert batcher.full() and not batcher.queued
+        registry = server.metrics.registry
+        labels = {
+            "grpc_service": "visionrpc.v1.InferenceService",
+            "grpc_method": "Predict",
+            "grpc_type": "unary",
+        }
+        read = registry.get_sample_value("grpc_server_msg_received_total", labels)
+        # The client names its model too: refused from its headers, its message never read,
+        # although the other model has room.
+        with pytest.raises(OverloadedError) as refused:
+            await client.predict("slow", RED)
+        assert "model slow:1 is overloaded" in str(refused.value)
+        assert registry.get_sample_value("grpc_server_msg_received_total", labels) == read
+        await client.predict("other", RED)  # raises unless answered
+        release.set()
+        assert len((await upload).results) == 1
+        await running
+
+
 async def test_a_caller_without_a_token_is_unauthenticated_even_when_queues_are_full(
     tmp_path: Path,
 ) -> None:
@@ -163,6 +314,27 @@ async def test_reserved_slots_count_against_the_queue_until_used_or_released() -
     spare.release()
     assert batcher.queued == 0
     await batcher.close()
+
+
+async def test_a_slot_held_on_arrival_counts_toward_the_request_that_uses_it() -> None:
+    settings = BatchSettings(max_batch_size=4, max_queue_delay_ms=0, max_queue_size=3, instances=1)
+    batcher = Batcher(lambda rows: rows * 2, settings, name="double")
+    other = Batcher(lambda rows: rows, settings, name="other")
+    held = batcher.reserve(1)
+    batcher.reserve(2)
+    # Full, but the held slot is this request's own: it needs no more room.
+    one = batcher.reserve(1, held)
+    with pytest.raises(Overloaded):
+        batcher.reserve(1)
+    one.release()
+    # A slot held in another model's queue is freed, and this queue is asked afresh.
+    elsewhere = other.reserve(3)
+    with pytest.raises(Overloaded):
+        other.reserve(1)
+    batcher.reserve(1, elsewhere).release()
+    other.reserve(3).release()
+    await batcher.close()
+    await other.close()
 
 
 async def test_the_drain_ends_an_idle_stream_so_it_does_not_hold_the_shutdown(
