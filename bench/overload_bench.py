@@ -209,7 +209,7 @@ async def drive(
         ]
         if probe is not None:
             callers += [
-                caller(stub, *probe, until, tally, False, PROBE_GAP_SECONDS)
+                caller(stub, *probe, until, tally, True, PROBE_GAP_SECONDS)
                 for _ in range(PROBE_CALLERS)
             ]
         await asyncio.gather(*callers)
@@ -435,7 +435,13 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
             f"after the first {RAMP_SECONDS:g} s: {steady:.2f}",
         ]
 
-    lines += ["", *ratios("C=256", over), *ratios("C=256 + large", mixed)]
+    answered = ", ".join(f"{kind} {n}" for kind, n in sorted(probed.answered_by_kind.items()))
+    lines += [
+        f"probe ({PROBE_SECONDS:g} s): answered {answered}",
+        "",
+        *ratios("C=256", over),
+        *ratios("C=256 + large", mixed),
+    ]
     others = {name: t.other for name, t in (("C=8", base), ("C=256", over), ("+large", mixed))}
     if any(others.values()):
         lines.append(f"other outcomes: {others}")
