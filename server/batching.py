@@ -338,6 +338,11 @@ class Batcher:
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
         self._executor.shutdown(wait=True)
+        # A call may still hold a reference to this queue for a moment (a slot given when
+        # its headers arrived, freed when its task ends): the model's sessions must not
+        # live on in it after an unload.
+        self._run = _refuse_run
+        self._lanes = ()
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -552,6 +557,10 @@ class Batcher:
         except Exception as exc:
             logger.exception("model %s: a batch of %d rows failed", self.name, len(live))
             fail_items(live, VisionRPCError(f"model {self.name} failed: {exc}"))
+
+
+def _refuse_run(rows: np.ndarray) -> np.ndarray:
+    raise Unavailable("the model has been unloaded")
 
 
 def _call_on(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: object) -> bool:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
-from tests.helpers.server import running_server, settings_for_tests
+from tests.helpers.server import RunningServer, running_server, settings_for_tests
 from tests.observability.slow_model import write_slow_model
 from tests.server.support import encoded_request, fill_queue, png, solid
 from visionrpc.client import AsyncClient, OverloadedError
@@ -127,14 +129,51 @@ async def test_with_every_queue_full_a_large_image_is_refused_unread_with_a_retr
         assert len(answer.results) == 1
 
 
-def unary_as_stream(channel: grpc.aio.Channel) -> Any:
-    """Predict called as a client stream: its headers go out at once, its one message
-    only when the request iterator yields it (a large upload still on its way)."""
-    return channel.stream_unary(
-        "/visionrpc.v1.InferenceService/Predict",
-        request_serializer=pb.PredictRequest.SerializeToString,
-        response_deserializer=pb.PredictResponse.FromString,
-    )
+@dataclass
+class Upload:
+    """A slow model running one call, and a Predict whose headers have gone out but whose
+    message is sent only on ``release.set()`` (a large upload still on its way)."""
+
+    server: RunningServer
+    stub: pb_grpc.InferenceServiceAsyncStub
+    batcher: Batcher
+    running: Any
+    release: asyncio.Event
+    call: Any
+
+
+@contextlib.asynccontextmanager
+async def an_upload_on_its_way(
+    repository: Path,
+    *,
+    products: int = 20,
+    other_model: bool = False,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> AsyncIterator[Upload]:
+    """``products`` sets the slow model's run (20: about 0.5 s); ``other_model`` serves a
+    second, fast one beside it; ``metadata`` goes with the upload's headers."""
+    write_slow_model(repository, name="slow", products=products)
+    if other_model:
+        write_slow_model(repository, name="other", products=1)
+    async with (
+        running_server(repository, max_queue_size=1, metrics=True) as server,
+        grpc.aio.insecure_channel(server.address) as channel,
+    ):
+        stub = pb_grpc.InferenceServiceStub(channel)
+        batcher = server.repository.get("slow").batcher
+        running = stub.Predict(encoded_request("slow", RED), timeout=60)
+        await asyncio.sleep(0.25)  # decoded and taken by the model in milliseconds; runs longer
+        assert not running.done() and not batcher.queued and not batcher.full()
+        release = asyncio.Event()
+        # Called as a client stream: its headers go out at once, its message on release.
+        as_stream = channel.stream_unary(
+            "/visionrpc.v1.InferenceService/Predict",
+            request_serializer=pb.PredictRequest.SerializeToString,
+            response_deserializer=pb.PredictResponse.FromString,
+        )
+        call = as_stream(sent_when(release, encoded_request("slow", RED)), metadata=metadata)
+        await asyncio.sleep(0.2)  # the headers reach the server in milliseconds
+        yield Upload(server, stub, batcher, running, release, call)
 
 
 async def sent_when(release: asyncio.Event, request: pb.PredictRequest) -> AsyncIterator[Any]:
@@ -142,120 +181,67 @@ async def sent_when(release: asyncio.Event, request: pb.PredictRequest) -> Async
     yield request
 
 
-async def running_alone(stub: pb_grpc.InferenceServiceAsyncStub, batcher: Batcher) -> Any:
-    """A call the slow model is running, with nothing queued behind it."""
-    running = stub.Predict(encoded_request("slow", RED), timeout=60)
-    await asyncio.sleep(0.25)  # decoded and taken by the model in milliseconds; runs longer
-    assert not running.done() and not batcher.queued and not batcher.full()
-    return running
-
-
 async def test_a_call_that_found_room_on_arrival_keeps_it_while_its_message_is_sent(
     tmp_path: Path,
 ) -> None:
-    write_slow_model(tmp_path, name="slow", products=20)
-    async with (
-        running_server(tmp_path, max_queue_size=1) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = pb_grpc.InferenceServiceStub(channel)
-        batcher = server.repository.get("slow").batcher
-        running = await running_alone(stub, batcher)
-        release = asyncio.Event()
-        upload = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
-        for _ in range(200):  # until its headers have been admitted
-            if batcher.full():
-                break
-            await asyncio.sleep(0.01)
-        assert batcher.full() and not batcher.queued
+    async with an_upload_on_its_way(tmp_path) as upload:
+        assert upload.batcher.full() and not upload.batcher.queued
         # The slot is the upload's: a call arriving after it is refused, unread.
         with pytest.raises(grpc.aio.AioRpcError) as later:
-            await stub.Predict(encoded_request("slow", RED), timeout=60)
+            await upload.stub.Predict(encoded_request("slow", RED), timeout=60)
         assert later.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "no model has a free queue slot" in (later.value.details() or "")
-        release.set()
-        answer = await upload
+        upload.release.set()
+        answer = await upload.call
         assert len(answer.results) == 1 and answer.results[0].WhichOneof("result") != "error"
-        await running
-        assert not batcher.full()
+        await upload.running
+        assert not upload.batcher.full()
 
 
 async def test_headers_whose_message_does_not_come_give_their_slot_up(tmp_path: Path) -> None:
-    write_slow_model(tmp_path, name="slow", products=100)  # a run of seconds
-    async with (
-        running_server(tmp_path, max_queue_size=1) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = pb_grpc.InferenceServiceStub(channel)
-        batcher = server.repository.get("slow").batcher
-        running = await running_alone(stub, batcher)
-        release = asyncio.Event()
-        stalled = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
-        await asyncio.sleep(0.2)
-        assert batcher.full()
+    async with an_upload_on_its_way(tmp_path, products=100) as upload:  # a run of seconds
+        assert upload.batcher.full()
         await asyncio.sleep(HOLD_SECONDS)
-        assert not batcher.full()
+        assert not upload.batcher.full()
         # The room goes to a call that sends its message; the stalled one, sent now, is
         # admitted only if room is left when it is read, and none is.
-        queued = stub.Predict(encoded_request("slow", RED), timeout=60)
+        queued = upload.stub.Predict(encoded_request("slow", RED), timeout=60)
         for _ in range(100):
-            if batcher.queued:
+            if upload.batcher.queued:
                 break
             await asyncio.sleep(0.01)
-        assert batcher.queued == 1 and not running.done()
-        release.set()
+        assert upload.batcher.queued == 1 and not upload.running.done()
+        upload.release.set()
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stalled
+            await upload.call
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue slots taken" in (refused.value.details() or "")
-        for call in (running, queued):
+        for call in (upload.running, queued):
             assert len((await call).results) == 1
-        assert not batcher.full()
+        assert not upload.batcher.full()
 
 
 async def test_with_several_models_serving_a_call_holds_no_slot_before_its_message(
     tmp_path: Path,
 ) -> None:
-    write_slow_model(tmp_path, name="slow", products=20)
-    write_slow_model(tmp_path, name="other", products=1)
-    async with (
-        running_server(tmp_path, max_queue_size=1) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-    ):
-        stub = pb_grpc.InferenceServiceStub(channel)
-        batcher = server.repository.get("slow").batcher
-        running = await running_alone(stub, batcher)
-        release = asyncio.Event()
-        upload = unary_as_stream(channel)(sent_when(release, encoded_request("slow", RED)))
-        await asyncio.sleep(0.3)
+    async with an_upload_on_its_way(tmp_path, other_model=True) as upload:
         # Which model the unread message names is unknown, so no queue holds a slot for it.
-        assert not batcher.full()
-        release.set()
-        assert len((await upload).results) == 1
-        await running
+        assert not upload.batcher.full()
+        upload.release.set()
+        assert len((await upload.call).results) == 1
+        await upload.running
 
 
 async def test_a_client_that_names_the_model_in_its_headers_gets_a_slot_before_its_message(
     tmp_path: Path,
 ) -> None:
-    write_slow_model(tmp_path, name="slow", products=20)
-    write_slow_model(tmp_path, name="other", products=1)
+    hint = ((MODEL_HINT_KEY, "slow"), (VERSION_HINT_KEY, "1"))
     async with (
-        running_server(tmp_path, max_queue_size=1, metrics=True) as server,
-        grpc.aio.insecure_channel(server.address) as channel,
-        AsyncClient(server.address, retries=None) as client,
+        an_upload_on_its_way(tmp_path, other_model=True, metadata=hint) as upload,
+        AsyncClient(upload.server.address, retries=None) as client,
     ):
-        stub = pb_grpc.InferenceServiceStub(channel)
-        batcher = server.repository.get("slow").batcher
-        running = await running_alone(stub, batcher)
-        release = asyncio.Event()
-        hint = ((MODEL_HINT_KEY, "slow"), (VERSION_HINT_KEY, "1"))
-        upload = unary_as_stream(channel)(
-            sent_when(release, encoded_request("slow", RED)), metadata=hint
-        )
-        await asyncio.sleep(0.3)
-        assert batcher.full() and not batcher.queued
-        registry = server.metrics.registry
+        assert upload.batcher.full() and not upload.batcher.queued
+        registry = upload.server.metrics.registry
         labels = {
             "grpc_service": "visionrpc.v1.InferenceService",
             "grpc_method": "Predict",
@@ -269,9 +255,9 @@ async def test_a_client_that_names_the_model_in_its_headers_gets_a_slot_before_i
         assert "model slow:1 is overloaded" in str(refused.value)
         assert registry.get_sample_value("grpc_server_msg_received_total", labels) == read
         await client.predict("other", RED)  # raises unless answered
-        release.set()
-        assert len((await upload).results) == 1
-        await running
+        upload.release.set()
+        assert len((await upload.call).results) == 1
+        await upload.running
 
 
 async def test_a_caller_without_a_token_is_unauthenticated_even_when_queues_are_full(
