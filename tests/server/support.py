@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -59,3 +60,18 @@ async def fill_queue(
         if len(pending) >= 2 and filler.done():
             assert await filler.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             return fillers
+
+
+def predict_as_stream(channel: grpc.aio.Channel) -> Any:
+    """Predict called as a client stream: the headers go out at once and the one message
+    when the request iterator yields it (with ``sent_when``: a large upload on its way)."""
+    return channel.stream_unary(
+        "/visionrpc.v1.InferenceService/Predict",
+        request_serializer=pb.PredictRequest.SerializeToString,
+        response_deserializer=pb.PredictResponse.FromString,
+    )
+
+
+async def sent_when(release: asyncio.Event, request: pb.PredictRequest) -> AsyncIterator[Any]:
+    await release.wait()
+    yield request

@@ -18,7 +18,14 @@ from PIL import Image
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.server import RunningServer, running_server, settings_for_tests
 from tests.observability.slow_model import write_slow_model
-from tests.server.support import encoded_request, fill_queue, png, solid
+from tests.server.support import (
+    encoded_request,
+    fill_queue,
+    png,
+    predict_as_stream,
+    sent_when,
+    solid,
+)
 from visionrpc.client import AsyncClient, OverloadedError
 from visionrpc.protos import MODEL_HINT_KEY, VERSION_HINT_KEY
 from visionrpc.protos import inference_pb2 as pb
@@ -165,20 +172,10 @@ async def an_upload_on_its_way(
         await asyncio.sleep(0.25)  # decoded and taken by the model in milliseconds; runs longer
         assert not running.done() and not batcher.queued and not batcher.full()
         release = asyncio.Event()
-        # Called as a client stream: its headers go out at once, its message on release.
-        as_stream = channel.stream_unary(
-            "/visionrpc.v1.InferenceService/Predict",
-            request_serializer=pb.PredictRequest.SerializeToString,
-            response_deserializer=pb.PredictResponse.FromString,
-        )
-        call = as_stream(sent_when(release, encoded_request("slow", RED)), metadata=metadata)
+        upload = predict_as_stream(channel)
+        call = upload(sent_when(release, encoded_request("slow", RED)), metadata=metadata)
         await asyncio.sleep(0.2)  # the headers reach the server in milliseconds
         yield Upload(server, stub, batcher, running, release, call)
-
-
-async def sent_when(release: asyncio.Event, request: pb.PredictRequest) -> AsyncIterator[Any]:
-    await release.wait()
-    yield request
 
 
 async def test_a_call_that_found_room_on_arrival_keeps_it_while_its_message_is_sent(

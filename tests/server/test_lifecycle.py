@@ -20,8 +20,15 @@ import pytest
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.serve_log import ServeProcess, serve_process
 from tests.observability.slow_model import write_slow_model
-from tests.server.support import encoded_request, fill_queue, png, solid
-from visionrpc.client import AsyncClient, VisionRPCError
+from tests.server.support import (
+    encoded_request,
+    fill_queue,
+    png,
+    predict_as_stream,
+    sent_when,
+    solid,
+)
+from visionrpc.client import AsyncClient, OverloadedError, VisionRPCError
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.server import drain
 
@@ -261,3 +268,41 @@ async def test_a_call_refused_for_a_full_queue_is_retried_until_it_succeeds(
     assert attempts[-1] == "OK"
     assert len(attempts) >= 2
     assert set(attempts[:-1]) == {"RESOURCE_EXHAUSTED"}
+
+
+async def test_a_photo_that_found_room_on_arrival_is_answered_though_later_calls_fill_the_queue(
+    tmp_path: Path,
+) -> None:
+    write_slow_model(tmp_path, name="model", products=20)  # about 0.5 s a run
+    with serve_process(tmp_path, "--max-queue-size", "1") as server:
+        await asyncio.to_thread(server.wait_until_serving)
+        async with (
+            AsyncClient(server.address, retries=None) as client,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = pb_grpc.InferenceServiceStub(channel)
+            running = stub.Predict(encoded_request("model", RED), timeout=60)
+            await asyncio.sleep(0.25)  # taken by the model, which runs on
+            # The upload's headers arrive while the queue has room; its message comes later.
+            release = asyncio.Event()
+            request = encoded_request("model", RED)
+            upload = predict_as_stream(channel)(
+                sent_when(release, request), metadata=(("x-request-id", "upload"),)
+            )
+            await asyncio.sleep(0.25)
+            with pytest.raises(OverloadedError) as later:
+                await client.predict("model", RED, metadata=(("x-request-id", "later"),))
+            # Refused from its headers, which name the model (the client's hint).
+            assert "model model:1 is overloaded" in str(later.value)
+            release.set()
+            assert len((await upload).results) == 1
+            await running
+        server.sigterm()
+        assert server.exit_code() == 0
+    # Counted at the server too: one attempt each.
+    # The later call was refused unread (no request message), the upload read and answered.
+    outcomes = {
+        name: [(entry["status"], entry["requests"]) for entry in server.access_log(name)]
+        for name in ("upload", "later")
+    }
+    assert outcomes == {"upload": [("OK", 1)], "later": [("RESOURCE_EXHAUSTED", 0)]}
