@@ -9,11 +9,12 @@ and pip installs fastai==2.8.12 there; visionrpc's venv never sees fastai.
 
 What both sides get: the same synthetic datasets (training.synthetic) and split (visionrpc's
 split handed to fastai item by item); the same resnet18 random-init body (one saved state
-dict per seed, loaded into both); the same head (fastai's create_head: concat pool,
+dict per seed, loaded into both); the same head layers (fastai's create_head: concat pool,
 BatchNorm, dropout 0.25, 512 units, BatchNorm, dropout 0.5, linear; BIWI: sigmoid_range
-(-1, 1) on points scaled to -1..1, MSE); ImageNet normalisation (fastai's
-``Normalize.from_stats``); the same batch size, ``fine_tune`` schedule (one frozen epoch,
-then ``--epochs``) and learning rate, with Adam, weight decay 0.01 off BatchNorm and biases.
+(-1, 1) on points scaled to -1..1, MSE), each side initialising them its own way (below);
+ImageNet normalisation (fastai's ``Normalize.from_stats``); the same batch size,
+``fine_tune`` schedule (one frozen epoch, then ``--epochs``) and learning rate, with Adam,
+weight decay 0.01 off BatchNorm and biases.
 Fed the same weights and batches (no dropout or augmentation), the two training loops agree
 to float rounding through each phase; the one difference is that fastai's ``freeze_to``
 clears Adam's state when the body is unfrozen, while visionrpc carries it on (clearing it
@@ -31,21 +32,21 @@ Where they differ, each side keeps what its own user gets by default:
 - biwi: fastai as the book, no presize: the 640x480 frame goes to ``aug_transforms(size=)``
   (flip, rotate 10, zoom 1.1, warp 0.2, lighting 0.2), which squishes the whole frame to
   the size in its one ``grid_sample``, and validation is the same squish without the
-  augmentation. visionrpc presizes to 1.5x, then its points defaults, the same list on the
-  whole frame; validation is the server's preprocessing.
+  augmentation. visionrpc resizes the frame to the size (points are not presized), then
+  its points defaults, the same list; validation is the server's preprocessing.
+- the head's last linear layer: fastai draws it (kaiming normal, as the layer before it);
+  visionrpc starts it at zero, so its first answer is the neutral one (even class
+  probabilities, 0.5 per label, the frame's centre). That is what decides biwi: from random
+  weights and 35 steps, a drawn last layer leaves predictions spread wider than the truth
+  and off-centre, near the error of always answering the mean head centre, and a seed's
+  result is a lottery (a change of 1e-3 to fastai's head BatchNorm biases moved one seed
+  from 163 to 231 px). biwi-large (160 frames per person, 4x the steps) is an extra line
+  with more data; the issue's setting stays the headline.
 
 img/s counts training steps with their data loading (no validation). Metrics: pets
 error_rate, voc accuracy_multi at threshold 0.5, biwi mean point error in original pixels
 (lower is better except accuracy_multi); for biwi the bench also prints the error of always
 answering the training frames' mean head centre.
-
-biwi (4 people of 40 frames, the issue's setting) is a seed lottery on both sides: 35 steps
-from random weights give predictions that follow the heads (correlation about 0.8 with the
-true x and y on both sides) but spread 1.2-1.8x wider than the truth and sit off-centre by
-up to 190 px, so both end near the mean-head answer, and a change of 1e-3 to the biases of
-fastai's two head BatchNorms moves one seed's fastai error from 163 to 231 px. biwi-large
-(160 frames per person, 4x the steps) is an extra line where both sides learn well clear
-of that answer; the issue's setting stays the headline.
 """
 
 from __future__ import annotations
@@ -124,6 +125,10 @@ names = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 
 body = {f"{names[k.split('.')[0]]}.{k.split('.', 1)[1]}": v
         for k, v in state.items() if k.split(".")[0] in names}
 learn.model[0].load_state_dict(body)
+if job["zero_last_layer"]:
+    # Not fastai's default: --fastai-zero-last-layer, to compare the initialisations alone.
+    last = [m for m in learn.model[1].modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
 
 class Clock(Callback):
     # The training loop with its data loading, as visionrpc's train_seconds: not validation.
@@ -245,6 +250,7 @@ def run_fastai(
         "seed": seed,
         "threads": torch.get_num_threads(),
         "weights": str(weights),
+        "zero_last_layer": args.fastai_zero_last_layer,
         "original": [640, 480],
     }
     job_file = scratch / f"fastai-{kind}-{seed}.json"
@@ -290,6 +296,11 @@ def main() -> None:
     parser.add_argument("--bs", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--venv", type=Path, default=Path(".cache/fastai-venv"))
+    parser.add_argument(
+        "--fastai-zero-last-layer",
+        action="store_true",
+        help="start fastai's last head layer at zero as visionrpc does (not fastai's default)",
+    )
     args = parser.parse_args()
     python = fastai_python(args.venv.resolve())
     results: dict[tuple[str, int], dict[str, dict[str, float]]] = {}
@@ -314,6 +325,7 @@ def main() -> None:
         f"{FASTAI}; resnet18 random init (one state dict per seed for both), "
         f"size {args.size} (biwi {size_of('biwi', args.size)}), bs {args.bs}, "
         f"fine_tune 1 frozen + {args.epochs} epochs, lr {args.lr:g}"
+        + ("; fastai's last layer started at zero" if args.fastai_zero_last_layer else "")
     )
     header = f"{'task':<11}{'metric':<16}{'seed':>6}{'visionrpc':>11}{'fastai':>9}"
     print(header + f"{'img/s ours':>12}{'img/s fastai':>14}{'speed ratio':>13}")

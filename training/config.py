@@ -71,7 +71,10 @@ class TrainConfig:
     )
     presize: tuple[int, int] | None = field(
         default=None,
-        metadata=option("item size before batch augmentation (default 1.5x)", parse=image_size),
+        metadata=option(
+            "item size before batch augmentation (default 1.5x; points: the model size)",
+            parse=image_size,
+        ),
     )
     bs: int = field(default=64, metadata=option("batch size per process"))
     resize_method: str = field(

@@ -51,6 +51,14 @@ def test_classification_batches(pets: Dataset) -> None:
     assert labels == [item.target for item in pets.valid]
 
 
+def test_points_are_not_presized_but_resized_once_to_the_model_size(biwi: Dataset) -> None:
+    # The book's BIWI recipe: one resample, as the validation frames get.
+    loaders = make_loaders(biwi, size=(48, 64), bs=4)
+    images, targets = next(iter(loaders.train))
+    assert images.shape == (4, 48, 64, 3)
+    assert targets.shape == (4, 1, 2)
+
+
 def test_multilabel_targets_are_multi_hot(voc: Dataset) -> None:
     loaders = make_loaders(voc, size=(32, 32), presize=(40, 40), bs=5)
     images, targets = next(iter(loaders.train))

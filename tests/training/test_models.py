@@ -20,6 +20,9 @@ from visionrpc.training.models import (
     model_from_checkpoint,
     resolve_weights,
 )
+from visionrpc.training.tasks import get_task
+
+from .support import model_that_tells_images_apart
 
 
 @pytest.mark.parametrize("arch", ["tiny", "resnet18", "mobilenet_v3_small"])
@@ -88,7 +91,7 @@ def test_weights_path_and_none(tmp_path: Path, hub_dir: Path) -> None:
 
 
 def test_checkpoint_is_a_plain_dict_that_rebuilds_the_model(tmp_path: Path) -> None:
-    model = create_model("tiny", 4, None).eval()
+    model = model_that_tells_images_apart("tiny", 4)
     torch.save(model.checkpoint(), tmp_path / "checkpoint.pt")
     loaded = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     rebuilt = model_from_checkpoint(loaded).eval()
@@ -98,7 +101,7 @@ def test_checkpoint_is_a_plain_dict_that_rebuilds_the_model(tmp_path: Path) -> N
 
 
 def test_serving_model_takes_uint8_nhwc_like_normalized_takes_float_nchw() -> None:
-    net = create_model("tiny", 5, None).eval()
+    net = model_that_tells_images_apart("tiny", 5)
     normalized = Normalized(net)
     serving = ServingModel(normalized, lambda raw: torch.softmax(raw, dim=1))
     images = torch.randint(0, 256, (3, 32, 40, 3), dtype=torch.uint8)
@@ -109,3 +112,20 @@ def test_serving_model_takes_uint8_nhwc_like_normalized_takes_float_nchw() -> No
         expected = torch.softmax(net((floats - mean) / std), dim=1)
         assert torch.allclose(normalized(floats), net((floats - mean) / std))
         assert torch.allclose(serving(images), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "n_labels", "neutral"),
+    [("classification", 5, 1 / 5), ("multilabel", 4, 0.5), ("points", 1, 0.0)],
+)
+def test_a_new_model_gives_the_neutral_answer_for_every_image(
+    task_name: str, n_labels: int, neutral: float
+) -> None:
+    # Even class probabilities, 0.5 per label, the frame's centre: not a random spread that
+    # a short run from random weights cannot undo (see create_head).
+    task = get_task(task_name)
+    model = create_model("resnet18", task.n_outputs(n_labels), None).eval()
+    with torch.no_grad():
+        answers = task.activation(model(torch.rand(6, 3, 48, 64)))
+    assert answers.shape == (6, task.n_outputs(n_labels))
+    assert torch.allclose(answers, torch.full_like(answers, neutral))

@@ -28,6 +28,8 @@ from visionrpc.training.synthetic import make_dataset
 from visionrpc.training.tasks import get_task
 from visionrpc.training.train import input_size
 
+from .support import model_that_tells_images_apart
+
 timm = pytest.importorskip("timm")
 
 # Tiny timm test models (a few hundred thousand weights), random init: test_resnet's
@@ -49,7 +51,7 @@ def test_each_timm_backbone_brings_its_pretrained_configs_preprocessing() -> Non
 
 def test_the_exported_graph_normalises_with_the_backbones_own_statistics(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = create_model(OWN_STATS, 3, None).eval()
+    model = model_that_tells_images_apart(OWN_STATS, 3)
     serving = serving_model(model, get_task("classification"))
     spec = InputSpec(48, 48, "crop")
     onnx_file = export_onnx(serving, spec, tmp_path / "model.onnx")
