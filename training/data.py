@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import multiprocessing
+import multiprocessing.context
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,6 +192,7 @@ def make_loaders(
             num_workers=num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=num_workers > 0,
+            multiprocessing_context=worker_context() if num_workers > 0 else None,
         )
 
     return DataLoaders(
@@ -201,6 +204,18 @@ def make_loaders(
         spec=spec,
         valid_geometries=[_geometry(item, spec) for item in dataset.valid],
     )
+
+
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where worker processes come from: a fork server where the platform has one.
+
+    Forking this process copies whatever threads it runs into a child that has only one: a
+    gRPC channel's or server's poller (a ``Client`` opened in the same program, a test
+    server) can leave a lock held there, and the worker hangs before its first batch.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return None
 
 
 def _covering(width: int, height: int, spec: InputSpec) -> InputSpec:

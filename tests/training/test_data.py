@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -116,14 +118,24 @@ def test_valid_geometry_follows_exif_orientation(pets: Dataset, tmp_path: Path) 
     assert np.array_equal(next(iter(loaders.valid))[0][0].numpy(), pixels)
 
 
-def test_worker_processes_give_the_same_batches(pets: Dataset) -> None:
-    here = make_loaders(pets, size=(24, 24), bs=8)
-    workers = make_loaders(pets, size=(24, 24), bs=8, num_workers=1)
-    for (images, targets), (other_images, other_targets) in zip(
-        here.valid, workers.valid, strict=True
-    ):
-        assert torch.equal(images, other_images) and torch.equal(targets, other_targets)
-    assert torch.equal(next(iter(here.train))[0], next(iter(workers.train))[0])
+def test_worker_processes_give_the_same_batches_while_grpc_runs_here(pets: Dataset) -> None:
+    # A forked worker inherits a copy of gRPC's poller lock, held or not, and could hang
+    # before its first batch: workers come from a fork server instead.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        here = make_loaders(pets, size=(24, 24), bs=8)
+        workers = make_loaders(pets, size=(24, 24), bs=8, num_workers=1)
+        context = workers.train.multiprocessing_context
+        assert context is not None and context.get_start_method() == "forkserver"
+        for (images, targets), (other_images, other_targets) in zip(
+            here.valid, workers.valid, strict=True
+        ):
+            assert torch.equal(images, other_images) and torch.equal(targets, other_targets)
+        assert torch.equal(next(iter(here.train))[0], next(iter(workers.train))[0])
+    finally:
+        server.stop(None)
 
 
 def test_the_seed_fixes_the_training_order(pets: Dataset) -> None:
