@@ -22,8 +22,15 @@ generated photos), then:
    batch sizes each concurrency produced are printed beside its throughput, and
    ``visionrpc_inference_batch_seconds``: "model busy" is the seconds spent in
    onnxruntime runs per second of the row (lanes add up: up to one per lane) and
-   "ms/row" a run's seconds per row, which tell an idle model from a slow one;
-4. measures raw onnxruntime again: on a shared machine the two raw figures show the
+   "ms/row" a run's seconds per row, which tell an idle model from a slow one; and the
+   CPU each stage of the server (model threads, event loop, decode threads, gRPC's
+   threads: told apart by their OS-level names) and this load generator used over the
+   row, in cores;
+4. serves the same requests from a bare grpc.aio servicer in a process of its own (it
+   parses each request and answers an empty response): its C=1 round trip, its and the
+   load generator's CPU per call at raw's best rate, and the ceiling those leave any
+   grpc.aio server on these CPUs, without and with the server's decode and resize;
+5. measures raw onnxruntime again: on a shared machine the two raw figures show the
    noise. The summary's ratios are to the higher of the two raw bests (the rows printed
    while the bench runs, to the one measured before).
 
@@ -70,7 +77,7 @@ from visionrpc.protos import inference_pb2 as pb
 from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
-from visionrpc.server.cpus import usable_cpus
+from visionrpc.server.cpus import DECODE_THREAD, MODEL_THREAD, usable_cpus
 from visionrpc.server.model_config import (
     ModelConfig,
     model_config_from_dict,
@@ -275,6 +282,40 @@ class LoadResult:
     # and onnxruntime's time per row: idle model time and slower inference, told apart.
     model_busy: float
     model_ms_per_row: float
+    # Cores each of the server's stages and this load generator kept busy over the row
+    # (run time from /proc, warm-up included), by STAGES name.
+    cores: dict[str, float]
+
+
+# The server's threads by stage: the event loop is the main thread, the heavy threads carry
+# their OS-level names (server/cpus.py), and gRPC's own threads are the rest.
+STAGES = ("model", "event loop", "decode", "gRPC and other", "load generator")
+
+
+def stage_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds each stage of process ``pid`` has run so far (schedstat, in ns)."""
+    found = dict.fromkeys(STAGES[:-1], 0.0)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+        if task.name == str(pid):
+            stage = "event loop"
+        elif name.startswith(MODEL_THREAD):
+            stage = "model"
+        elif name.startswith(DECODE_THREAD):
+            stage = "decode"
+        else:
+            stage = "gRPC and other"
+        found[stage] += ran
+    return found
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def sender(
@@ -300,8 +341,10 @@ async def drive(
     concurrency: int,
     warmup: float,
     seconds: float,
+    pause: float = 0.0,
 ) -> tuple[float, list[float], int]:
-    """C clients, each sending one request after another, for a window after a warm-up.
+    """C clients, each sending one request after another (``pause`` seconds apart), for a
+    window after a warm-up.
 
     The throughput is each client's completions per second between its first and last
     completion in the window, summed over the clients: a count of completions in a fixed
@@ -335,6 +378,8 @@ async def drive(
                 if window_start <= done <= window_end:
                     latencies.append(done - sent)
                     completions.append(done)
+                if pause:
+                    await asyncio.sleep(pause)
             if len(completions) >= 2:
                 rates.append((len(completions) - 1) / (completions[-1] - completions[0]))
 
@@ -375,6 +420,7 @@ def mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
 
 def measure(
     address: str,
+    pid: int,
     metrics_port: int,
     model: str,
     kind: str,
@@ -384,6 +430,7 @@ def measure(
     server: str = "A",
 ) -> LoadResult:
     before = batch_histogram(metrics_port, model)
+    cpu_before, own_before = stage_cpu_seconds(pid), own_cpu_seconds()
     started = time.perf_counter()
     rate, latencies, errors = asyncio.run(
         drive(
@@ -391,6 +438,9 @@ def measure(
         )
     )
     elapsed = time.perf_counter() - started
+    cpu_after, own_after = stage_cpu_seconds(pid), own_cpu_seconds()
+    cores = {stage: (cpu_after[stage] - cpu_before[stage]) / elapsed for stage in cpu_after}
+    cores["load generator"] = (own_after - own_before) / elapsed
     after = batch_histogram(metrics_port, model)
     delta = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     buckets = [key for key in after if key.startswith("<=")]
@@ -418,7 +468,102 @@ def measure(
         model_ms_per_row=1000 * delta.get("model_seconds", 0.0) / delta["sum"]
         if delta.get("sum")
         else float("nan"),
+        cores=cores,
     )
+
+
+@dataclass(frozen=True)
+class TransportFloor:
+    """A bare grpc.aio servicer that parses the request and answers an empty response."""
+
+    input: str
+    # Back-to-back single calls.
+    p50_ms: float
+    # At raw onnxruntime's best rate (8 callers): CPU per call of that server and of this
+    # load generator, and the share of the usable cores they leave to a model.
+    server_cpu_ms: float
+    load_generator_cpu_ms: float
+    ceiling: float
+    # The server's own decode and resize of the image (in this process, one thread), and
+    # the ceiling once the CPUs it takes at that rate are left out too.
+    decode_ms: float
+    ceiling_with_decode: float
+
+
+def decode_ms(kind: str) -> float:
+    """Median milliseconds of the server's decode-and-resize of ``kind``'s image."""
+    from visionrpc.server.pipeline import decode_and_prepare
+    from visionrpc.server.postprocess import PredictionOptions, resolve_options
+    from visionrpc.server.preprocess import ImageLimits
+    from visionrpc.server.service import image_from_proto
+
+    config = model_config(MODEL)
+    views = resolve_options(config, PredictionOptions()).views
+    image = image_from_proto(request_image(kind))
+    limits = ImageLimits(max_bytes=64 << 20, max_pixels=40_000_000)
+    times = []
+    for _ in range(40):
+        started = time.perf_counter()
+        decode_and_prepare(image, config.input, views, limits)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times[5:])
+
+
+class BareServicer(pb_grpc.InferenceServiceServicer):
+    """Predict parses the request (gRPC does, with the generated code) and answers empty."""
+
+    async def Predict(self, request: pb.PredictRequest, context: object) -> pb.PredictResponse:
+        return pb.PredictResponse()
+
+
+async def serve_bare(port: int) -> None:
+    """The bare servicer, in a process of its own (``--bare-server PORT``)."""
+    server = grpc.aio.server()
+    # Only Predict is measured; the other methods answer UNIMPLEMENTED from the base.
+    bare = BareServicer()  # type: ignore[abstract]
+    pb_grpc.add_InferenceServiceServicer_to_server(bare, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def transport_floors(kinds: Sequence[str], rate: float, seconds: float) -> list[TransportFloor]:
+    """What gRPC alone costs each input's requests here: no server can do with less."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--bare-server", str(port)])
+    floors = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        for kind in kinds:
+            image, address = request_image(kind), f"127.0.0.1:{port}"
+            _, latencies, _ = asyncio.run(drive(address, MODEL, image, "v1", 1, 0.5, seconds))
+            server_before = stage_cpu_seconds(process.pid)
+            own_before = own_cpu_seconds()
+            paced, _, _ = asyncio.run(drive(address, MODEL, image, "v1", 8, 0.5, seconds, 8 / rate))
+            calls = paced * (seconds + 0.5)
+            server_cpu = sum(stage_cpu_seconds(process.pid).values()) - sum(server_before.values())
+            own_cpu = own_cpu_seconds() - own_before
+            # At a ratio x of raw's rate R, calls costing c CPU-seconds each leave the model
+            # N - x R c of the N CPUs, so x = (N - x R c) / N: x = 1 / (1 + R c / N).
+            per_call = (server_cpu + own_cpu) / calls
+            decoding = decode_ms(kind)
+            with_decode = per_call + decoding / 1000
+            floors.append(
+                TransportFloor(
+                    input=kind,
+                    p50_ms=1000 * statistics.median(latencies),
+                    server_cpu_ms=1000 * server_cpu / calls,
+                    load_generator_cpu_ms=1000 * own_cpu / calls,
+                    ceiling=1 / (1 + rate * per_call / usable_cpus()),
+                    decode_ms=decoding,
+                    ceiling_with_decode=1 / (1 + rate * with_decode / usable_cpus()),
+                )
+            )
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    return floors
 
 
 def start_server(
@@ -496,7 +641,11 @@ def main() -> int:
         "--protocol", choices=("v1", "v2", "both"), default="v1",
         help="visionrpc.v1 Predict, Open Inference Protocol ModelInfer (JPEG rows), or both",
     )  # fmt: skip
+    parser.add_argument("--bare-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.bare_server:
+        asyncio.run(serve_bare(args.bare_server))
+        return 0
     if args.quick:
         args.duration, args.warmup, args.raw_duration = 2.0, 0.5, 1.0
         args.concurrency, args.raw_batch_sizes = [1, 32], [1, 8]
@@ -542,11 +691,12 @@ def main() -> int:
                 if not (protocol == "v2" and kind.startswith("raw"))
             ]
             for name, kind, concurrency, protocol in rows:
-                for label, (_, port, metrics_port) in running.items():
+                for label, (process, port, metrics_port) in running.items():
                     address = f"127.0.0.1:{port}"
                     result = measure(
-                        address, metrics_port, name, kind, protocol, concurrency, args, label
-                    )
+                        address, process.pid, metrics_port, name, kind, protocol, concurrency,
+                        args, label,
+                    )  # fmt: skip
                     results.append(result)
                     print(format_row(result, raw_before[name].best[1]), flush=True)
         finally:
@@ -556,6 +706,7 @@ def main() -> int:
         startup = [
             line for line in log.read_text(errors="replace").splitlines() if "usable CPUs" in line
         ]
+        floors = transport_floors(args.inputs, raw_before[MODEL].best[1], min(args.duration, 4.0))
         raw_after = {
             name: raw_onnxruntime(path, [raw_before[name].best[0][0]], args.raw_duration, (setup,))
             for name, path in models.items()
@@ -564,6 +715,7 @@ def main() -> int:
     print_summary(
         [r for r in results if r.server == "A"], raw_before, raw_after, args.concurrency, startup
     )
+    print_floors(floors, [r for r in results if r.server == "A" and r.model == MODEL])
     if args.compare_flag:
         print_comparison(results, " ".join(args.compare_flag))
     return 0
@@ -583,6 +735,30 @@ def print_comparison(results: list[LoadResult], flags: str) -> None:
         )
 
 
+def print_floors(floors: list[TransportFloor], results: list[LoadResult]) -> None:
+    """What gRPC alone costs, beside where the server's rows spent the CPUs."""
+    print(
+        f"\nA bare grpc.aio servicer (parses the request, answers an empty response), the same "
+        f"load generator, {usable_cpus()} usable CPUs: C=1 p50; CPU per call at raw's best "
+        "rate (8 callers); the share of the CPUs that leaves to a model (ceiling), and what "
+        "is left once the server's decode and resize of the image at that rate is taken too"
+    )
+    for floor in floors:
+        print(
+            f"{floor.input}: p50 {floor.p50_ms:.2f} ms; server {floor.server_cpu_ms:.2f} + load "
+            f"generator {floor.load_generator_cpu_ms:.2f} ms CPU per call; ceiling "
+            f"{floor.ceiling:.3f}; decode and resize {floor.decode_ms:.2f} ms, ceiling with it "
+            f"{floor.ceiling_with_decode:.3f}"
+        )
+    print("\nWhere the CPUs went (cores, warm-up included):")
+    print("| input | C | " + " | ".join(STAGES) + " |")
+    print("|---|---|" + "---|" * len(STAGES))
+    for result in results:
+        if result.protocol == "v1":
+            cells = " | ".join(f"{result.cores[stage]:.2f}" for stage in STAGES)
+            print(f"| {result.input} | {result.concurrency} | {cells} |")
+
+
 def format_row(result: LoadResult, raw_best: float) -> str:
     sizes = " ".join(f"{key}:{count}" for key, count in result.batch_sizes.items())
     return (
@@ -591,8 +767,12 @@ def format_row(result: LoadResult, raw_best: float) -> str:
         f"{result.images_per_second:7.1f} img/s ({result.images_per_second / raw_best:4.2f})  "
         f"p50 {result.p50_ms:6.1f} ms  p99 {result.p99_ms:6.1f} ms  errors {result.errors}  "
         f"model busy {result.model_busy:4.2f}, {result.model_ms_per_row:5.2f} ms/row  "
-        f"mean batch {result.mean_batch:4.1f}  batches {sizes}"
+        f"mean batch {result.mean_batch:4.1f}  batches {sizes}  cores: {format_cores(result)}"
     )
+
+
+def format_cores(result: LoadResult) -> str:
+    return ", ".join(f"{stage} {result.cores[stage]:.2f}" for stage in STAGES)
 
 
 def print_summary(

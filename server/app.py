@@ -42,7 +42,13 @@ from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 
 from .admission import AdmissionInterceptor
 from .auth import BearerTokenInterceptor
-from .cpus import lower_this_thread, plan_threads, usable_cpus
+from .cpus import (
+    DECODE_THREAD,
+    SMALL_DECODE_THREAD,
+    lower_this_thread,
+    plan_threads,
+    usable_cpus,
+)
 from .drain import Drain, DrainInterceptor
 from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
@@ -127,10 +133,10 @@ async def start_app(settings: ServerSettings) -> RunningApp:
             max_workers=workers,
             thread_name_prefix=name,
             initializer=lower_this_thread,
-            initargs=(settings.decode_niceness,),
+            initargs=(settings.decode_niceness, name),
         )
         # One more thread for small images, so photos in the pool never hold them up.
-        for name, workers in (("decode", threads.preprocess_workers), ("decode-small", 1))
+        for name, workers in ((DECODE_THREAD, threads.preprocess_workers), (SMALL_DECODE_THREAD, 1))
     )
     pipeline = Pipeline(
         repository,

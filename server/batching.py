@@ -39,7 +39,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .cpus import lower_this_thread
+from .cpus import MODEL_THREAD, lower_this_thread
 from .errors import DeadlineExceeded, Overloaded, Unavailable, VisionRPCError
 
 logger = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ class Batcher:
             max_workers=self._slots,
             thread_name_prefix=f"model-{name}",
             initializer=lower_this_thread,
-            initargs=(thread_niceness,),
+            initargs=(thread_niceness, MODEL_THREAD),
         )
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False

@@ -12,6 +12,7 @@ mask and the cgroup CPU quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us`` over
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import threading
@@ -143,8 +144,25 @@ def plan_threads(
     )
 
 
-def lower_this_thread(niceness: int) -> None:
-    """Raise the calling thread's nice value by ``niceness`` (Linux: nice is per thread).
+# The OS-level names of the server's heavy threads (Linux allows 15 bytes). ``top -H``,
+# ``ps -L``, py-spy and /proc show them, so a thread's CPU can be told from its name;
+# threads a library starts (onnxruntime's intra-op pool) inherit their creator's.
+MODEL_THREAD = "vrpc-model"
+DECODE_THREAD = "vrpc-decode"
+SMALL_DECODE_THREAD = "vrpc-decode-sm"
+_PR_SET_NAME = 15
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread ``name`` at the OS level (a no-op where prctl is missing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def lower_this_thread(niceness: int, name: str | None = None) -> None:
+    """Raise the calling thread's nice value by ``niceness`` (Linux: nice is per thread),
+    and give it ``name`` at the OS level.
 
     The server's heavy threads (decoding, the model runs and onnxruntime's pool) run a
     few steps below the event loop, so on a busy CPU the loop still answers at once:
@@ -152,6 +170,8 @@ def lower_this_thread(niceness: int) -> None:
     which the heavy threads wait on. Raising one's nice value needs no privilege;
     where the OS refuses anyway the thread keeps its priority.
     """
+    if name is not None:
+        name_this_thread(name)
     if niceness <= 0:
         return
     tid = threading.get_native_id()
@@ -159,25 +179,24 @@ def lower_this_thread(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
-def in_lowered_thread(niceness: int, work: Callable[[], T]) -> T:
-    """``work()`` run in a new thread lowered by ``niceness``, its result or exception.
+def in_lowered_thread(niceness: int, work: Callable[[], T], name: str = MODEL_THREAD) -> T:
+    """``work()`` run in a new thread named ``name`` and lowered by ``niceness``, its
+    result or exception.
 
-    Threads a library starts inherit their creator's nice value: onnxruntime's intra-op
-    pool, made while its session is created, so comes out lowered too.
+    Threads a library starts inherit their creator's nice value and name: onnxruntime's
+    intra-op pool, made while its session is created, so comes out lowered and named too.
     """
-    if niceness <= 0:
-        return work()
     outcome: list[T] = []
     failure: list[BaseException] = []
 
     def body() -> None:
-        lower_this_thread(niceness)
+        lower_this_thread(niceness, name)
         try:
             outcome.append(work())
         except BaseException as exc:  # handed to the caller's thread as is
             failure.append(exc)
 
-    thread = threading.Thread(target=body, name="lowered-work")
+    thread = threading.Thread(target=body, name=name)
     thread.start()
     thread.join()
     if failure:

@@ -279,6 +279,9 @@ class Pipeline:
         self._decoding += count
         self._decoding_bytes += size
         try:
+            if count == 1:
+                # Awaited in this task: a gathered task would cost a turn of the loop.
+                return [await self._prepare(0, call.images[0], model, views)]
             return await asyncio.gather(
                 *(
                     self._prepare(index, image, model, views)

@@ -18,7 +18,13 @@ from tests.helpers.server import free_port
 from tests.server.support import png, solid
 from tests.server.test_serve_command import wait_until_serving
 from visionrpc.client import Client
-from visionrpc.server.cpus import cgroup_cpu_quota, plan_threads, usable_cpus
+from visionrpc.server.cpus import (
+    MODEL_THREAD,
+    SMALL_DECODE_THREAD,
+    cgroup_cpu_quota,
+    plan_threads,
+    usable_cpus,
+)
 from visionrpc.server.settings import ServerSettings, SettingsError
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -189,3 +195,40 @@ def test_decoding_then_the_model_run_below_the_event_loop(
         # The all-thread session's pool, and a run thread for each lane that ran.
         assert intra_op_threads - 1 + 2 <= by_offset[model] <= intra_op_threads - 1 + 3, values
     assert set(by_offset) == {0, decode, model}, values
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Every thread of a process and its OS-level name (/proc/PID/task/TID/comm)."""
+    names = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            names[int(task.name)] = (task / "comm").read_text().strip()
+    return names
+
+
+@pytest.mark.parametrize("niceness", [0, 6])
+def test_the_model_and_decode_threads_carry_their_stage_names_at_the_os_level(
+    tmp_path: Path, niceness: int
+) -> None:
+    root = tmp_path / "models"
+    write_channel_mean_classifier(root)
+    intra_op_threads = 3
+    flags = [
+        "--intra-op-threads", str(intra_op_threads), "--cpu-lanes", "off",
+        "--decode-niceness", str(niceness), "--model-niceness", str(niceness),
+    ]  # fmt: skip
+    with serving(root, tmp_path, *flags, ready_model="colors") as server:
+        with Client(server.address) as client:
+            client.predict("colors", [png(solid(250, 0, 0))])
+        names = thread_names(server.process.pid)
+        nice = thread_nice_values(server.process.pid)
+    by_name = collections.Counter(names.values())
+    # The session's pool threads (made by onnxruntime, inheriting the name of the thread
+    # that created the session) and the thread that ran the batch.
+    assert by_name[MODEL_THREAD] == intra_op_threads - 1 + 1, names
+    # The image was small: the small-image thread decoded it.
+    assert by_name[SMALL_DECODE_THREAD] == 1, names
+    base = nice[server.process.pid]
+    named = {tid: name for tid, name in names.items() if name.startswith("vrpc-")}
+    assert all(nice[tid] == base + niceness for tid in named), (names, nice)
+    assert all(nice[tid] == base for tid in nice if tid not in named), (names, nice)
