@@ -539,9 +539,10 @@ def transport_floors(kinds: Sequence[str], rate: float, seconds: float) -> list[
             image, address = request_image(kind), f"127.0.0.1:{port}"
             _, latencies, _ = asyncio.run(drive(address, MODEL, image, "v1", 1, 0.5, seconds))
             server_before = stage_cpu_seconds(process.pid)
-            own_before = own_cpu_seconds()
+            own_before, started = own_cpu_seconds(), time.perf_counter()
             paced, _, _ = asyncio.run(drive(address, MODEL, image, "v1", 8, 0.5, seconds, 8 / rate))
-            calls = paced * (seconds + 0.5)
+            # The calls over the whole measured time, warm-up included, as the CPU is.
+            calls = paced * (time.perf_counter() - started)
             server_cpu = sum(stage_cpu_seconds(process.pid).values()) - sum(server_before.values())
             own_cpu = own_cpu_seconds() - own_before
             # At a ratio x of raw's rate R, calls costing c CPU-seconds each leave the model
