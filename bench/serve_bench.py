@@ -78,6 +78,7 @@ from visionrpc.protos import inference_pb2_grpc as pb_grpc
 from visionrpc.protos.inference import grpc_predict_v2_pb2 as v2
 from visionrpc.protos.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from visionrpc.server.cpus import DECODE_THREAD, MODEL_THREAD, usable_cpus
+from visionrpc.server.memory import tune_malloc
 from visionrpc.server.model_config import (
     ModelConfig,
     model_config_from_dict,
@@ -518,6 +519,8 @@ class BareServicer(pb_grpc.InferenceServiceServicer):
 
 async def serve_bare(port: int) -> None:
     """The bare servicer, in a process of its own (``--bare-server PORT``)."""
+    # The same malloc as visionrpc serve, so the floor is not paying page faults it would not.
+    tune_malloc()
     server = grpc.aio.server()
     # Only Predict is measured; the other methods answer UNIMPLEMENTED from the base.
     bare = BareServicer()  # type: ignore[abstract]

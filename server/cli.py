@@ -50,6 +50,10 @@ _SETTING_HELP = {
     "preprocess_workers": "image decoding threads, 0 = half the CPUs this process may use",
     "decode_backlog_bytes": "encoded bytes of the images waiting to be decoded before "
     "RESOURCE_EXHAUSTED (default 128 MiB)",
+    "malloc_mmap_threshold_bytes": "glibc: blocks this large get their own mapping, returned "
+    "when freed (default 8 MiB, at most 32 MiB; 0 = glibc's dynamic default)",
+    "malloc_trim_threshold_bytes": "glibc: free heap kept for reuse instead of returned to the "
+    "OS (default 32 MiB; 0 = glibc's default)",
     "max_images_per_request": "most images in one request (default 64; lower for a model "
     "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",
@@ -127,7 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import serve
     from .logging_setup import configure_logging
-    from .memory import return_large_blocks_to_the_os
+    from .memory import tune_malloc
     from .settings import SettingsError
 
     try:
@@ -136,7 +140,8 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"visionrpc serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
-    return_large_blocks_to_the_os()  # before any image buffer is allocated
+    # Before any image buffer is allocated.
+    tune_malloc(settings.malloc_mmap_threshold_bytes, settings.malloc_trim_threshold_bytes)
     try:
         return asyncio.run(serve(settings))
     except SettingsError as exc:  # an unreadable TLS or token file

@@ -1,14 +1,30 @@
-"""Large buffers go back to the OS when freed, so peak RSS follows the load, not its history.
+"""glibc's malloc, tuned for a server that copies megabyte requests and decodes large images.
 
-glibc's malloc serves blocks of at least ``M_MMAP_THRESHOLD`` (128 KiB) with their own
-``mmap``, which ``free`` unmaps at once. But the threshold is dynamic: freeing such a block
-raises it to the block's size (up to 32 MiB), so from then on a 7.6 MiB request or a
-108 MB decode comes from the heap arenas, where freed space stays resident and fragments
-across the decode and gRPC threads. overload_bench's memory phase (C=64 x 40 MP JPEGs)
-peaked at 0.64-1.06 of the bound the README derives from the settings in three runs;
-with the threshold fixed at 1 MiB, 0.51-0.72 in nine. Setting it explicitly turns the dynamic
-adjustment off. A ``MALLOC_MMAP_THRESHOLD_`` in the environment (glibc's own variable)
-wins, and other C libraries are left alone.
+Two knobs, both fixed at start-up (``tune_malloc``):
+
+- ``M_MMAP_THRESHOLD``: blocks of at least this size get their own ``mmap``, which ``free``
+  unmaps at once. glibc's default is dynamic: freeing such a block raises the threshold to
+  the block's size (up to 32 MiB), after which a 108 MB decode's 16 MiB Pillow blocks come
+  from the heap arenas, where freed space stays resident and fragments across the decode
+  and gRPC threads. overload_bench's memory phase (C=64 x 40 MP JPEGs) peaked at 0.64-1.06
+  of the bound the README derives from the settings in three runs with the dynamic
+  threshold; fixed, it stays under the bound. Fixing it turns the adjustment off.
+- ``M_TRIM_THRESHOLD``: free space at the top of a heap beyond this goes back to the OS.
+  glibc's default (128 KiB) returns the space of every freed request, so the next one
+  faults its pages in again, zeroed by the kernel. A unary request is copied about four
+  times in the event loop (gRPC core's reassembly, grpc.aio's bytes, the parsed message,
+  the field read), each time into memory the kernel maps and clears anew: for a 4.8 MB
+  photo that was 14 ms of the event loop's CPU, stalling every other call behind it, and
+  3.3-4.0 ms with requests below the mmap threshold served from a heap that keeps its
+  freed top.
+
+So the mmap threshold sits between the requests the loop copies (up to 8 MiB: phone
+photos) and Pillow's 16 MiB image blocks, and each heap keeps up to the trim threshold
+free. ``M_ARENA_MAX`` caps the heaps at ``ARENAS`` (glibc's default is 8 per CPU), which
+bounds the memory kept free for reuse at ``ARENAS`` x the trim threshold: the README adds
+that to the pod-sizing bound. Other C libraries are left alone, and so is a knob whose glibc
+variable (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``) is
+in the environment.
 """
 
 from __future__ import annotations
@@ -21,22 +37,57 @@ import os
 logger = logging.getLogger(__name__)
 
 # From glibc's malloc.h.
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD_BYTES = 1 << 20
+M_ARENA_MAX = -8
+MMAP_THRESHOLD_BYTES = 8 << 20
+TRIM_THRESHOLD_BYTES = 32 << 20
+# The event loop, gRPC's and the decode threads allocate the large blocks; more heaps
+# only keep more free memory.
+ARENAS = 4
+# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2 on 64-bit systems.
+MMAP_THRESHOLD_MAX = 32 << 20
+
+_KNOBS = (
+    ("mmap threshold", M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+    ("trim threshold", M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+    ("arenas", M_ARENA_MAX, "MALLOC_ARENA_MAX"),
+)
 
 
-def return_large_blocks_to_the_os(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes; True when it was set here."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+def tune_malloc(
+    mmap_threshold: int = MMAP_THRESHOLD_BYTES, trim_threshold: int = TRIM_THRESHOLD_BYTES
+) -> dict[str, int]:
+    """Fix glibc's mmap and trim thresholds (0 leaves one as glibc has it) and, with the
+    trim threshold, its number of heaps; returns what was set here, by name."""
+    libc = _glibc()
+    if libc is None:
+        return {}
+    applied = {}
+    values = (mmap_threshold, trim_threshold, ARENAS if trim_threshold > 0 else 0)
+    for (name, option, variable), value in zip(_KNOBS, values, strict=True):
+        if value <= 0 or variable in os.environ:
+            continue
+        if libc.mallopt(option, value) != 1:
+            logger.warning("mallopt(%s, %d) failed; left as glibc has it", name, value)
+            continue
+        applied[name] = value
+    if applied:
+        logger.info(
+            "malloc: %s",
+            ", ".join(
+                f"{name} {value}" if name == "arenas" else f"{name} {value >> 10} KiB"
+                for name, value in applied.items()
+            ),
+        )
+    return applied
+
+
+def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False  # musl and others: no such knob
-    if libc.mallopt(M_MMAP_THRESHOLD, threshold) != 1:
-        logger.warning("mallopt(M_MMAP_THRESHOLD, %d) failed; freed buffers may stay", threshold)
-        return False
-    logger.info("freed buffers of %d KiB or more go back to the OS", threshold >> 10)
-    return True
+        return None  # musl and others: no such knobs
+    return libc

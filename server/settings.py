@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .batching import BatchSettings
+from .memory import MMAP_THRESHOLD_MAX
 
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
@@ -84,6 +85,12 @@ class ServerSettings:
     # Beyond it requests are refused (RESOURCE_EXHAUSTED) before decoding: it bounds the
     # memory that waiting requests hold (see the README's pod sizing).
     decode_backlog_bytes: int = 128 * 1024 * 1024
+    # glibc's malloc (server/memory.py): blocks this large or larger get their own mapping,
+    # returned when freed (Pillow's 16 MiB image blocks); smaller ones (requests up to
+    # phone photos) come from heaps that keep up to malloc_trim_threshold_bytes free for
+    # the next request instead of faulting fresh pages in. 0 leaves a knob to glibc.
+    malloc_mmap_threshold_bytes: int = 8 * 1024 * 1024
+    malloc_trim_threshold_bytes: int = 32 * 1024 * 1024
     # The most images one Predict request (or one request of a stream) may carry; a
     # model whose queue cannot hold that many with all its TTA views gets a lower limit
     # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
@@ -161,9 +168,15 @@ class ServerSettings:
             "preprocess_workers",
             "decode_niceness",
             "model_niceness",
+            "malloc_mmap_threshold_bytes",
+            "malloc_trim_threshold_bytes",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must not be negative")
+        if self.malloc_mmap_threshold_bytes > MMAP_THRESHOLD_MAX:
+            raise SettingsError(
+                f"malloc_mmap_threshold_bytes must be at most {MMAP_THRESHOLD_MAX} (glibc's limit)"
+            )
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
             raise SettingsError("max_queue_delay_ms and shutdown_grace_seconds must be >= 0")
         if not self.providers:

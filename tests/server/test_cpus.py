@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -154,14 +155,21 @@ def test_a_server_pinned_to_one_cpu_plans_one_thread_of_each(tmp_path: Path) -> 
     ]
 
 
-def thread_nice_values(pid: int) -> dict[int, int]:
-    """Every thread of a process and its nice value (field 19 of /proc/PID/task/TID/stat)."""
-    values = {}
+class OsThread(NamedTuple):
+    name: str
+    nice: int
+
+
+def os_threads(pid: int) -> dict[int, OsThread]:
+    """Every thread of a process: its OS-level name and nice value, from
+    /proc/PID/task/TID/stat ("TID (name) state ...", the nice value is field 19)."""
+    threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            values[int(task.name)] = int(fields[16])
-    return values
+            stat = (task / "stat").read_text()
+            head, rest = stat.rsplit(")", 1)
+            threads[int(task.name)] = OsThread(head.split("(", 1)[1], int(rest.split()[16]))
+    return threads
 
 
 @pytest.mark.parametrize(("decode", "model", "lanes"), [(4, 7, "off"), (4, 7, "on"), (0, 0, "on")])
@@ -180,7 +188,7 @@ def test_decoding_then_the_model_run_below_the_event_loop(
             # Decoding and a model run start the threads that pools make on first use
             # (with lanes: four images run on two or three lanes).
             client.predict("colors", [png(solid(250, 0, 0))] * 4)
-        values = thread_nice_values(server.process.pid)
+        values = {tid: thread.nice for tid, thread in os_threads(server.process.pid).items()}
     base = values[server.process.pid]  # the main thread runs the event loop
     if decode == model == 0:
         assert set(values.values()) == {base}
@@ -197,15 +205,6 @@ def test_decoding_then_the_model_run_below_the_event_loop(
     assert set(by_offset) == {0, decode, model}, values
 
 
-def thread_names(pid: int) -> dict[int, str]:
-    """Every thread of a process and its OS-level name (/proc/PID/task/TID/comm)."""
-    names = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
-            names[int(task.name)] = (task / "comm").read_text().strip()
-    return names
-
-
 @pytest.mark.parametrize("niceness", [0, 6])
 def test_the_model_and_decode_threads_carry_their_stage_names_at_the_os_level(
     tmp_path: Path, niceness: int
@@ -220,8 +219,9 @@ def test_the_model_and_decode_threads_carry_their_stage_names_at_the_os_level(
     with serving(root, tmp_path, *flags, ready_model="colors") as server:
         with Client(server.address) as client:
             client.predict("colors", [png(solid(250, 0, 0))])
-        names = thread_names(server.process.pid)
-        nice = thread_nice_values(server.process.pid)
+        threads = os_threads(server.process.pid)
+    names = {tid: thread.name for tid, thread in threads.items()}
+    nice = {tid: thread.nice for tid, thread in threads.items()}
     by_name = collections.Counter(names.values())
     # The session's pool threads (made by onnxruntime, inheriting the name of the thread
     # that created the session) and the thread that ran the batch.

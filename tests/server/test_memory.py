@@ -1,7 +1,9 @@
-"""Freed image-sized buffers leave the process, so peak RSS follows the load in flight."""
+"""glibc's malloc as visionrpc serve sets it: image-block-sized buffers leave the process
+when freed, and request-sized ones are reused without faulting fresh pages in."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,58 +14,90 @@ import pytest
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.serve_log import serve_process
 
-# Frees an 8 MiB block (glibc's dynamic threshold then rises to its size), then allocates
-# and frees another one: prints how much RSS the second one left behind.
+# Frees a block and then allocates, fills and frees one of the same size again: prints the
+# RSS the second one left behind and the page faults filling it took, for a block above
+# the mmap threshold (16 MiB, a Pillow image block) and one below it (4 MiB, a photo).
 PROBE = """
-import sys
-from visionrpc.server.memory import return_large_blocks_to_the_os
-if sys.argv[1] == "fixed":
-    assert return_large_blocks_to_the_os()
+import json, resource, sys
+from visionrpc.server.memory import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else {}
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
-size = 8 << 20
-first = b"\\x01" * size
-del first
-base = rss()
-second = b"\\x01" * size
-del second
-print(rss() - base)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+out = {"applied": applied}
+for name, size in (("image block", 16 << 20), ("request", 4 << 20)):
+    first = b"\\x01" * size
+    del first
+    base, before = rss(), faults()
+    second = b"\\x01" * size
+    filled = faults() - before
+    del second
+    out[name] = {"retained": rss() - base, "faults": filled}
+print(json.dumps(out))
 """
 
 glibc_only = pytest.mark.skipif(
     not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc's malloc is what this tunes"
 )
+GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+PAGES_OF_4_MIB = (4 << 20) // os.sysconf("SC_PAGE_SIZE")
 
 
-def retained_after_free(mode: str, **environ: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | environ
+def probe(mode: str, **environ: str) -> dict[str, dict[str, int]]:
+    env = {k: v for k, v in os.environ.items() if k not in GLIBC_VARIABLES} | environ
     done = subprocess.run(
         [sys.executable, "-c", PROBE, mode], capture_output=True, text=True, env=env, check=True
     )
-    return int(done.stdout)
+    result: dict[str, dict[str, int]] = json.loads(done.stdout)
+    return result
 
 
 @glibc_only
-def test_a_freed_large_buffer_is_returned_to_the_os_once_the_threshold_is_fixed() -> None:
-    # Without the fix the second block comes from the heap and stays resident: the probe
-    # can tell the two apart, so the fixed figure means something.
-    assert retained_after_free("dynamic") >= 4 << 20
-    assert retained_after_free("fixed") < 1 << 20
+def test_a_freed_image_block_is_returned_to_the_os() -> None:
+    # Without the tuning glibc's dynamic threshold serves the second block from the heap,
+    # where it stays resident: the probe tells the two apart.
+    assert probe("untuned")["image block"]["retained"] >= 4 << 20
+    assert probe("tuned")["image block"]["retained"] < 1 << 20
 
 
 @glibc_only
-def test_the_users_own_malloc_setting_is_left_alone() -> None:
-    with pytest.raises(subprocess.CalledProcessError):  # the probe asserts it was set
-        retained_after_free("fixed", MALLOC_MMAP_THRESHOLD_="65536")
+def test_a_request_sized_buffer_reuses_freed_memory_instead_of_faulting_pages_in() -> None:
+    # Where every such block is its own mapping (as when the mmap threshold sat at 1 MiB),
+    # filling it again faults each of its pages in; the tuned heap keeps the freed space.
+    returned = probe("untuned", MALLOC_MMAP_THRESHOLD_=str(1 << 20))["request"]
+    assert returned["faults"] >= PAGES_OF_4_MIB * 0.9
+    tuned = probe("tuned")
+    assert tuned["applied"] == {
+        "mmap threshold": 8 << 20,
+        "trim threshold": 32 << 20,
+        "arenas": 4,
+    }
+    assert tuned["request"]["faults"] < PAGES_OF_4_MIB * 0.1
 
 
 @glibc_only
-def test_visionrpc_serve_fixes_the_threshold_before_it_serves(tmp_path: Path) -> None:
+def test_the_users_own_malloc_settings_are_left_alone() -> None:
+    applied = probe("tuned", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="2")["applied"]
+    assert applied == {"trim threshold": 32 << 20}
+
+
+@glibc_only
+def test_visionrpc_serve_tunes_malloc_before_it_serves_and_zero_leaves_it_to_glibc(
+    tmp_path: Path,
+) -> None:
     write_channel_mean_classifier(tmp_path, "colors")
     with serve_process(tmp_path) as server:
         server.wait_until_serving()
         server.sigterm()
         assert server.exit_code() == 0
-    assert "freed buffers of 1024 KiB or more go back to the OS" in server.log_text()
+    assert "malloc: mmap threshold 8192 KiB, trim threshold 32768 KiB, arenas 4" in (
+        server.log_text()
+    )
+    with serve_process(tmp_path, "--malloc-trim-threshold-bytes", "0") as server:
+        server.wait_until_serving()
+        server.sigterm()
+        assert server.exit_code() == 0
+    assert '"message": "malloc: mmap threshold 8192 KiB"' in server.log_text()

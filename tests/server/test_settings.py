@@ -128,6 +128,8 @@ SAMPLE_VALUES: dict[str, object] = {
     "preprocess_workers": 9,
     "stream_max_in_flight": 10,
     "decode_backlog_bytes": 1 << 20,
+    "malloc_mmap_threshold_bytes": 1 << 21,
+    "malloc_trim_threshold_bytes": 0,
     "max_images_per_request": 8,
     "shutdown_grace_seconds": 1.5,
     "max_connection_idle_seconds": 11.5,
@@ -198,6 +200,11 @@ def test_a_connection_limit_at_zero_is_left_to_grpc() -> None:
         ({"VISIONRPC_MAX_BATCH_SIZE": "0"}, "max_batch_size must be at least 1"),
         ({"VISIONRPC_LOG_FORMAT": "xml"}, "log_format"),
         ({"VISIONRPC_LOG_LEVEL": "LOUD"}, "log_level"),
+        (
+            {"VISIONRPC_MALLOC_MMAP_THRESHOLD_BYTES": str(64 << 20)},
+            "malloc_mmap_threshold_bytes must be at most 33554432",
+        ),
+        ({"VISIONRPC_MALLOC_TRIM_THRESHOLD_BYTES": "-1"}, "must not be negative"),
     ],
 )
 def test_bad_values_are_refused_naming_their_source(environ: dict[str, str], message: str) -> None:
