@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .batching import BatchSettings
-from .memory import MMAP_THRESHOLD_MAX
+from .memory import MMAP_THRESHOLD_BYTES, MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_BYTES
 
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
@@ -89,8 +89,8 @@ class ServerSettings:
     # returned when freed (Pillow's 16 MiB image blocks); smaller ones (requests up to
     # phone photos) come from heaps that keep up to malloc_trim_threshold_bytes free for
     # the next request instead of faulting fresh pages in. 0 leaves a knob to glibc.
-    malloc_mmap_threshold_bytes: int = 8 * 1024 * 1024
-    malloc_trim_threshold_bytes: int = 32 * 1024 * 1024
+    malloc_mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES
+    malloc_trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES
     # The most images one Predict request (or one request of a stream) may carry; a
     # model whose queue cannot hold that many with all its TTA views gets a lower limit
     # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
