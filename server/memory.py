@@ -1,6 +1,6 @@
 """glibc's malloc, tuned for a server that copies megabyte requests and decodes large images.
 
-Two knobs, both fixed at start-up (``tune_malloc``):
+Three knobs, fixed at start-up (``tune_malloc``):
 
 - ``M_MMAP_THRESHOLD``: blocks of at least this size get their own ``mmap``, which ``free``
   unmaps at once. glibc's default is dynamic: freeing such a block raises the threshold to
@@ -10,21 +10,22 @@ Two knobs, both fixed at start-up (``tune_malloc``):
   of the bound the README derives from the settings in three runs with the dynamic
   threshold; fixed, it stays under the bound. Fixing it turns the adjustment off.
 - ``M_TRIM_THRESHOLD``: free space at the top of a heap beyond this goes back to the OS.
-  glibc's default (128 KiB) returns the space of every freed request, so the next one
-  faults its pages in again, zeroed by the kernel. A unary request is copied about four
-  times in the event loop (gRPC core's reassembly, grpc.aio's bytes, the parsed message,
-  the field read), each time into memory the kernel maps and clears anew: for a 4.8 MB
-  photo that was 14 ms of the event loop's CPU, stalling every other call behind it, and
-  3.3-4.0 ms with requests below the mmap threshold served from a heap that keeps its
-  freed top.
+  A unary request is copied about four times in the event loop (gRPC core's reassembly,
+  grpc.aio's bytes, the parsed message, the field read). With the mmap threshold at 1 MiB
+  (this server's setting before) each copy was a mapping of its own that the kernel
+  faulted in and zeroed: for a 4.8 MB photo, 14 ms of the event loop's CPU, stalling every
+  call behind it. Served from the heap instead, with glibc's default trim threshold
+  (128 KiB) the freed space still goes back and is faulted in again (13.5 ms per photo with
+  a 16 MiB trim threshold); a heap that keeps 32 MiB of its freed top took 3.3-4.0 ms.
+- ``M_ARENA_MAX``: the number of heaps, capped at ``ARENAS`` (glibc's default is 8 per
+  CPU), which bounds the memory kept free for reuse at ``ARENAS`` x the trim threshold:
+  the README adds that to the pod-sizing bound.
 
 So the mmap threshold sits between the requests the loop copies (up to 8 MiB: phone
 photos) and Pillow's 16 MiB image blocks, and each heap keeps up to the trim threshold
-free. ``M_ARENA_MAX`` caps the heaps at ``ARENAS`` (glibc's default is 8 per CPU), which
-bounds the memory kept free for reuse at ``ARENAS`` x the trim threshold: the README adds
-that to the pod-sizing bound. Other C libraries are left alone, and so is a knob whose glibc
-variable (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``) is
-in the environment.
+free. Other C libraries are left alone, and so is a knob whose glibc variable
+(``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_ARENA_MAX``) is in the
+environment.
 """
 
 from __future__ import annotations
