@@ -33,7 +33,10 @@ GIL) with a ResNet-18 (random weights; slow on a CPU) and a small queue
    server while callers keep its queue full, and against a bare grpc.aio server in a
    subprocess whose one method aborts every call at once (no interceptor, no work): the
    floor any grpc.aio server has for refusing a crowd that arrives together. Prints both
-   sides' refusal p50/p99 and the CPU their event-loop thread spent per refusal.
+   sides' refusal p50/p99 and the CPU their event-loop thread spent per refusal; where
+   h2load (Debian's nghttp2-client) is installed, also the bare server's bursts sent and
+   timed by it, a client in C, which takes the Python load generator's own cost out of
+   the floor.
 
 Targets (issue 15): rejection p99 under 20 ms whatever the image size, goodput at least
 0.9 of the C=8 goodput, admitted p99 at most 2x the C=8 p99, peak RSS under the bound.
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -262,41 +266,92 @@ async def bursts(
     return refused
 
 
-def burst_lines(
-    ours: list[float], ours_cpu: float, bare: list[float], bare_cpu: float
-) -> list[str]:
+@dataclass(frozen=True)
+class BareBursts:
+    """The bare server's burst refusals: timed by this load generator, with the server's
+    event-loop CPU per refusal, and timed by h2load (None where it is not installed)."""
+
+    refused: list[float]
+    loop_cpu: float
+    native: list[float] | None
+
+
+def burst_lines(ours: list[float], ours_cpu: float, bare: BareBursts) -> list[str]:
     ms = 1000.0
-    return [
+    lines = [
         f"{BURSTS} bursts of {BURST} calls sent at once, refused:",
         "",
         "| server | refusals | p50 ms | p99 ms | event-loop CPU per refusal ms |",
         "|---|---|---|---|---|",
         f"| visionrpc, queue full | {len(ours)} | {percentile(ours, 0.5) * ms:.1f} | "
         f"{percentile(ours, 0.99) * ms:.1f} | {ours_cpu * ms:.3f} |",
-        f"| bare grpc.aio, aborts every call | {len(bare)} | {percentile(bare, 0.5) * ms:.1f} | "
-        f"{percentile(bare, 0.99) * ms:.1f} | {bare_cpu * ms:.3f} |",
+        f"| bare grpc.aio, aborts every call | {len(bare.refused)} | "
+        f"{percentile(bare.refused, 0.5) * ms:.1f} | {percentile(bare.refused, 0.99) * ms:.1f} "
+        f"| {bare.loop_cpu * ms:.3f} |",
+    ]
+    if bare.native is not None:
+        lines.append(
+            f"| bare grpc.aio, timed by h2load | {len(bare.native)} | "
+            f"{percentile(bare.native, 0.5) * ms:.1f} | {percentile(bare.native, 0.99) * ms:.1f} "
+            "| |"
+        )
+    lines += [
         "",
         f"burst refusal p99 visionrpc / bare grpc.aio: "
-        f"{percentile(ours, 0.99) / percentile(bare, 0.99):.2f}",
+        f"{percentile(ours, 0.99) / percentile(bare.refused, 0.99):.2f}",
     ]
+    if bare.native is None:
+        lines.append("h2load not found (Debian: apt install nghttp2-client): no native-client row")
+    return lines
 
 
-def bare_bursts() -> tuple[list[float], float]:
-    """Refusal latencies and event-loop CPU per refusal of the bare grpc.aio server."""
+def native_bursts(address: str, method: str, message: bytes) -> list[float] | None:
+    """BURSTS bursts of BURST calls on one connection sent by h2load, nghttp2's HTTP/2 load
+    generator (in C): the times without a Python client's own cost. h2load reads no gRPC
+    status (it travels in the trailers; the HTTP status is 200), so this is only for a
+    server that refuses every call. None where h2load is not installed."""
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        return None
+    seconds: list[float] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        body = Path(scratch) / "body"
+        # A gRPC length-prefixed message: the compressed flag (0), then the length.
+        body.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+        for burst in range(BURSTS):
+            log = Path(scratch) / f"burst{burst}.tsv"
+            subprocess.run(
+                [
+                    h2load, "-n", str(BURST), "-c", "1", "-m", str(BURST),
+                    "-H", "content-type: application/grpc", "-H", "te: trailers",
+                    "-d", str(body), "--log-file", str(log), f"http://{address}{method}",
+                ],
+                check=True, capture_output=True,
+            )  # fmt: skip
+            # Per request: start (us since the epoch), HTTP status, microseconds taken.
+            seconds += [int(line.split()[2]) / 1e6 for line in log.read_text().splitlines()]
+            time.sleep(0.3)
+    return seconds
+
+
+def bare_bursts() -> BareBursts:
+    """The bursts against a bare grpc.aio server that aborts every call."""
     process = subprocess.Popen(
         [sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
         address = f"127.0.0.1:{process.stdout.readline().strip()}"
+        message = b"x" * 1024
 
         async def send(channel: grpc.aio.Channel) -> Any:
             refuse = channel.unary_unary("/bare.Bare/Refuse", None, None)
-            return await refuse(b"x" * 1024, timeout=30)
+            return await refuse(message, timeout=30)
 
         before = loop_thread_seconds(process.pid)
         refused = asyncio.run(bursts(address, send, None))
-        return refused, (loop_thread_seconds(process.pid) - before) / max(1, len(refused))
+        loop_cpu = (loop_thread_seconds(process.pid) - before) / max(1, len(refused))
+        return BareBursts(refused, loop_cpu, native_bursts(address, "/bare.Bare/Refuse", message))
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -447,8 +502,7 @@ def overload_phases(seconds: float, work: Path, extra: list[str]) -> list[str]:
     others = {name: t.other for name, t in (("C=8", base), ("C=256", over), ("+large", mixed))}
     if any(others.values()):
         lines.append(f"other outcomes: {others}")
-    bare, bare_cpu = bare_bursts()
-    return [*lines, "", *burst_lines(ours, ours_cpu, bare, bare_cpu)]
+    return [*lines, "", *burst_lines(ours, ours_cpu, bare_bursts())]
 
 
 def memory_phase(seconds: float, work: Path, extra: list[str]) -> list[str]:

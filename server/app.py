@@ -53,6 +53,7 @@ from .drain import Drain, DrainInterceptor
 from .errors import VisionRPCError
 from .health import NOT_SERVING, SERVING, HealthServicer
 from .interceptors import ObservabilityInterceptor
+from .memory import ARENAS, IdleTrimmer
 from .metrics import ServerMetrics
 from .model_control import ModelControlServicer
 from .model_manager import ControlMode, ModelManager
@@ -89,6 +90,13 @@ class RunningApp:
     drain: Drain
     _decode_executors: tuple[ThreadPoolExecutor, ...]
     _metrics_server: Any
+    # Hands free heap memory back after bursts (memory.py); None when turned off.
+    trimmer: IdleTrimmer | None = None
+    _trimming: asyncio.Task[None] | None = None
+
+    def start_trimming(self, idle_seconds: float, kept_bytes: int) -> None:
+        self.trimmer = IdleTrimmer(self.drain, idle_seconds, kept_bytes)
+        self._trimming = asyncio.create_task(self.trimmer.run(), name="idle-trim")
 
     async def stop(self, grace_seconds: float) -> None:
         """Refuse new calls, let the ones received finish within the grace, then stop.
@@ -107,6 +115,8 @@ class RunningApp:
                 grace_seconds,
             )
         await self.server.stop(max(0.0, deadline - time.monotonic()))
+        if self._trimming is not None:
+            self._trimming.cancel()
         await self.repository.close()
         for executor in self._decode_executors:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -293,6 +303,11 @@ async def start_app(settings: ServerSettings) -> RunningApp:
         raise
     if manager.mode is ControlMode.POLL:
         manager.start_polling(settings.poll_interval_seconds)
+    if settings.malloc_idle_trim_seconds > 0:
+        # Started once the models are in: their memory is not what a trim is for.
+        app.start_trimming(
+            settings.malloc_idle_trim_seconds, ARENAS * settings.malloc_trim_threshold_bytes
+        )
     _log_startup(repository, address, port, metrics_port)
     logger.info(
         "model control %s%s, model-control API %s",

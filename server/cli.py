@@ -54,6 +54,8 @@ _SETTING_HELP = {
     "when freed (default 8 MiB, at most 32 MiB; 0 = glibc's dynamic default)",
     "malloc_trim_threshold_bytes": "glibc: free heap kept for reuse instead of returned to the "
     "OS (default 32 MiB; 0 = glibc's default)",
+    "malloc_idle_trim_seconds": "glibc: after traffic, this long with no call in flight hands "
+    "the heaps' free memory back to the OS (default 2; 0 = never)",
     "max_images_per_request": "most images in one request (default 64; lower for a model "
     "whose queue cannot hold that many with TTA); more is INVALID_ARGUMENT",
     "stream_max_in_flight": "PredictStream requests worked on at once per stream (default 64)",

@@ -80,8 +80,10 @@ class Drain:
         # Calls the interceptor saw whose task has not ended: all, and those served.
         self.in_flight = 0
         self.serving = 0
-        # time.monotonic() when a call last reached the interceptor, refused or not.
+        # time.monotonic() when a call last reached the interceptor, refused or not, and
+        # when one last ended.
         self.last_arrival = 0.0
+        self.last_ended = 0.0
         # The accept window: loop ticks since begin, the tick of the last arrival, and
         # what it let in (for the log).
         self.window_open = True
@@ -143,6 +145,7 @@ class Drain:
 
     def _ended(self, served: bool) -> None:
         self.in_flight -= 1
+        self.last_ended = time.monotonic()
         if served:
             self.serving -= 1
             if not self.serving:

@@ -19,7 +19,12 @@ from typing import Any
 import yaml
 
 from .batching import BatchSettings
-from .memory import MMAP_THRESHOLD_BYTES, MMAP_THRESHOLD_MAX, TRIM_THRESHOLD_BYTES
+from .memory import (
+    IDLE_TRIM_SECONDS,
+    MMAP_THRESHOLD_BYTES,
+    MMAP_THRESHOLD_MAX,
+    TRIM_THRESHOLD_BYTES,
+)
 
 ENV_PREFIX = "VISIONRPC_"
 LOG_FORMATS = ("text", "json")
@@ -91,6 +96,9 @@ class ServerSettings:
     # the next request instead of faulting fresh pages in. 0 leaves a knob to glibc.
     malloc_mmap_threshold_bytes: int = MMAP_THRESHOLD_BYTES
     malloc_trim_threshold_bytes: int = TRIM_THRESHOLD_BYTES
+    # After traffic, this long with no call in flight hands the heaps' free memory back to
+    # the OS (glibc's malloc_trim), where more than the heaps may keep has piled up. 0: never.
+    malloc_idle_trim_seconds: float = IDLE_TRIM_SECONDS
     # The most images one Predict request (or one request of a stream) may carry; a
     # model whose queue cannot hold that many with all its TTA views gets a lower limit
     # (GetModelInfo's max_images_per_request). More is INVALID_ARGUMENT.
@@ -177,6 +185,8 @@ class ServerSettings:
             raise SettingsError(
                 f"malloc_mmap_threshold_bytes must be at most {MMAP_THRESHOLD_MAX} (glibc's limit)"
             )
+        if self.malloc_idle_trim_seconds < 0:
+            raise SettingsError("malloc_idle_trim_seconds must be >= 0 (0 turns it off)")
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
             raise SettingsError("max_queue_delay_ms and shutdown_grace_seconds must be >= 0")
         if not self.providers:

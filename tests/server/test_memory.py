@@ -3,16 +3,21 @@ when freed, and request-sized ones are reused without faulting fresh pages in.""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
-from tests.helpers.serve_log import serve_process
+from tests.helpers.serve_log import ServeProcess, serve_process
+from visionrpc.client import AsyncClient
 
 # Frees a block and then allocates, fills and frees one of the same size again: prints the
 # RSS the second one left behind and the page faults filling it took, for a block above
@@ -101,3 +106,62 @@ def test_visionrpc_serve_tunes_malloc_before_it_serves_and_zero_leaves_it_to_gli
         server.sigterm()
         assert server.exit_code() == 0
     assert '"message": "malloc: mmap threshold 8192 KiB"' in server.log_text()
+
+
+def resident_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def noisy_jpeg(width: int, height: int) -> bytes:
+    """Noise compresses badly: a JPEG of several megabytes, like a camera's largest."""
+    pixels = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+TRIMMED = "free heap memory handed back to the OS"
+
+
+def trims(server: ServeProcess) -> int:
+    return sum(TRIMMED in line for line in list(server.lines))
+
+
+@glibc_only
+@pytest.mark.parametrize("idle_trim", ["0.5", "0"])
+async def test_the_heaps_hand_a_bursts_memory_back_once_calls_stop(
+    tmp_path: Path, idle_trim: str
+) -> None:
+    # free() leaves the space between blocks still in use resident: after a burst of
+    # photos the heaps held what the burst needed, with nothing in flight.
+    write_channel_mean_classifier(tmp_path, "colors")
+    photo = noisy_jpeg(2000, 1500)
+    with serve_process(tmp_path, "--malloc-idle-trim-seconds", idle_trim) as server:
+        server.wait_until_serving()
+        loaded = resident_bytes(server.process.pid)
+        async with AsyncClient(server.address, retries=None, timeout=60) as client:
+            for _ in range(3):
+                answers = await asyncio.gather(
+                    *(client.predict("colors", [photo]) for _ in range(48)),
+                    return_exceptions=True,
+                )
+                assert any(not isinstance(answer, BaseException) for answer in answers)
+        grown = resident_bytes(server.process.pid) - loaded
+        # More than the 4 heaps may keep by design (4 x 32 MiB), which is left alone.
+        assert grown > 160 << 20, grown >> 20
+        if idle_trim == "0":
+            await asyncio.sleep(3.0)
+            assert trims(server) == 0
+            kept = resident_bytes(server.process.pid) - loaded
+            assert kept > grown * 2 / 3, (grown >> 20, kept >> 20)
+        else:
+            # Calls kept arriving until now: the trim comes after them, not between rounds.
+            assert trims(server) == 0
+            await asyncio.to_thread(server.wait_for, TRIMMED, 30)
+            kept = resident_bytes(server.process.pid) - loaded
+            assert kept < grown / 3, (grown >> 20, kept >> 20)
+        server.sigterm()
+        assert server.exit_code() == 0

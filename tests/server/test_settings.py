@@ -130,6 +130,7 @@ SAMPLE_VALUES: dict[str, object] = {
     "decode_backlog_bytes": 1 << 20,
     "malloc_mmap_threshold_bytes": 1 << 21,
     "malloc_trim_threshold_bytes": 0,
+    "malloc_idle_trim_seconds": 0.0,
     "max_images_per_request": 8,
     "shutdown_grace_seconds": 1.5,
     "max_connection_idle_seconds": 11.5,
@@ -205,6 +206,7 @@ def test_a_connection_limit_at_zero_is_left_to_grpc() -> None:
             "malloc_mmap_threshold_bytes must be at most 33554432",
         ),
         ({"VISIONRPC_MALLOC_TRIM_THRESHOLD_BYTES": "-1"}, "must not be negative"),
+        ({"VISIONRPC_MALLOC_IDLE_TRIM_SECONDS": "-2"}, "malloc_idle_trim_seconds must be >= 0"),
     ],
 )
 def test_bad_values_are_refused_naming_their_source(environ: dict[str, str], message: str) -> None:
