@@ -91,12 +91,11 @@ class RunningApp:
     _decode_executors: tuple[ThreadPoolExecutor, ...]
     _metrics_server: Any
     # Hands free heap memory back after bursts (memory.py); None when turned off.
-    trimmer: IdleTrimmer | None = None
     _trimming: asyncio.Task[None] | None = None
 
     def start_trimming(self, idle_seconds: float, kept_bytes: int) -> None:
-        self.trimmer = IdleTrimmer(self.drain, idle_seconds, kept_bytes)
-        self._trimming = asyncio.create_task(self.trimmer.run(), name="idle-trim")
+        trimmer = IdleTrimmer(self.drain, idle_seconds, kept_bytes)
+        self._trimming = asyncio.create_task(trimmer.run(), name="idle-trim")
 
     async def stop(self, grace_seconds: float) -> None:
         """Refuse new calls, let the ones received finish within the grace, then stop.

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import time
@@ -96,7 +97,9 @@ def tune_malloc(
     return applied
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    # Cached: find_library runs ldconfig in a subprocess.
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -146,7 +149,6 @@ class IdleTrimmer:
         self._activity = activity
         self._idle_seconds = idle_seconds
         self._kept_bytes = kept_bytes
-        self.trims = 0
 
     async def run(self) -> None:
         looked_after = self._activity.last_arrival
@@ -172,7 +174,6 @@ class IdleTrimmer:
             if not await asyncio.to_thread(release_free_memory):
                 return
             floor = rss_bytes()
-            self.trims += 1
             logger.info(
                 "malloc: idle for %.1f s after traffic; free heap memory handed back to the "
                 "OS, resident %d -> %d MiB",
