@@ -28,6 +28,14 @@ SERVE = [
 ]  # fmt: skip
 
 
+def rss_bytes_of(pid: int) -> int:
+    """A process's resident set size (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS line for process {pid}")
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[bytes]
@@ -36,10 +44,7 @@ class Server:
     log: Path
 
     def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS line")
+        return rss_bytes_of(self.process.pid)
 
     def requests_by_code(self, model: str) -> dict[str, int]:
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"

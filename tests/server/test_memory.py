@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.helpers.onnx_models import write_channel_mean_classifier
 from tests.helpers.serve_log import ServeProcess, serve_process
+from tests.helpers.serve_process import rss_bytes_of
 from visionrpc.client import AsyncClient
 
 # Frees a block and then allocates, fills and frees one of the same size again: prints the
@@ -108,13 +109,6 @@ def test_visionrpc_serve_tunes_malloc_before_it_serves_and_zero_leaves_it_to_gli
     assert '"message": "malloc: mmap threshold 8192 KiB"' in server.log_text()
 
 
-def resident_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
-
-
 def noisy_jpeg(width: int, height: int) -> bytes:
     """Noise compresses badly: a JPEG of several megabytes, like a camera's largest."""
     pixels = np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
@@ -144,7 +138,7 @@ async def test_the_heaps_hand_a_bursts_memory_back_once_calls_stop(
     flags = ("--malloc-idle-trim-seconds", idle_trim, "--malloc-trim-threshold-bytes", str(8 << 20))
     with serve_process(tmp_path, *flags) as server:
         server.wait_until_serving()
-        loaded = resident_bytes(server.process.pid)
+        loaded = rss_bytes_of(server.process.pid)
         async with AsyncClient(server.address, retries=None, timeout=60) as client:
             for _ in range(3):
                 answers = await asyncio.gather(
@@ -152,19 +146,19 @@ async def test_the_heaps_hand_a_bursts_memory_back_once_calls_stop(
                     return_exceptions=True,
                 )
                 assert any(not isinstance(answer, BaseException) for answer in answers)
-        grown = resident_bytes(server.process.pid) - loaded
+        grown = rss_bytes_of(server.process.pid) - loaded
         # Twice what the heaps may keep, which the trimmer leaves alone.
         assert grown > 64 << 20, grown >> 20
         if idle_trim == "0":
             await asyncio.sleep(3.0)
             assert trims(server) == 0
-            kept = resident_bytes(server.process.pid) - loaded
+            kept = rss_bytes_of(server.process.pid) - loaded
             assert kept > grown / 2, (grown >> 20, kept >> 20)
         else:
             # Calls kept arriving until now: the trim comes after them, not between rounds.
             assert trims(server) == 0
             await asyncio.to_thread(server.wait_for, TRIMMED, 30)
-            kept = resident_bytes(server.process.pid) - loaded
+            kept = rss_bytes_of(server.process.pid) - loaded
             assert kept < grown / 3, (grown >> 20, kept >> 20)
         server.sigterm()
         assert server.exit_code() == 0
