@@ -151,7 +151,7 @@ class ServerSettings:
             raise SettingsError("cpu_lanes must be on or off")
         if self.keepalive_permit_without_calls not in SWITCHES:
             raise SettingsError("keepalive_permit_without_calls must be on or off")
-        for name in _CONNECTION_SECONDS:
+        for name in _OFF_AT_ZERO_SECONDS:
             if getattr(self, name) < 0:
                 raise SettingsError(f"{name} must be >= 0 (0 turns it off)")
         if self.keepalive_timeout_seconds <= 0:
@@ -185,8 +185,6 @@ class ServerSettings:
             raise SettingsError(
                 f"malloc_mmap_threshold_bytes must be at most {MMAP_THRESHOLD_MAX} (glibc's limit)"
             )
-        if self.malloc_idle_trim_seconds < 0:
-            raise SettingsError("malloc_idle_trim_seconds must be >= 0 (0 turns it off)")
         if self.max_queue_delay_ms < 0 or self.shutdown_grace_seconds < 0:
             raise SettingsError("max_queue_delay_ms and shutdown_grace_seconds must be >= 0")
         if not self.providers:
@@ -293,12 +291,14 @@ class TLSFiles:
     client_ca: bytes | None
 
 
-_CONNECTION_SECONDS = (
+# Durations where 0 turns a limit or a task off.
+_OFF_AT_ZERO_SECONDS = (
     "max_connection_idle_seconds",
     "max_connection_age_seconds",
     "max_connection_age_grace_seconds",
     "keepalive_time_seconds",
     "keepalive_min_ping_interval_seconds",
+    "malloc_idle_trim_seconds",
 )
 
 
